@@ -1,0 +1,431 @@
+"""The factorised adapter layer every algorithm shares, its initialisations and the rank schedule.
+
+One layer computes, for an input x of the wrapped Linear / Conv2d,
+
+    y = org(x) + multiplier · alpha/R · ( up · diag(c) · down(x)  −  up0 · diag(c0) · down0(x) )
+
+with c = λ ⊙ m and c0 = λ0 ⊙ m, where λ is a trainable diagonal (ones for plain LoRA), m the
+per-sample rank mask (timestep mask ⊙ rank dropout; ones when absent) and the second term a
+frozen copy that exists only for the Ortho forms (T-LoRA, Ortho-LoRA). Plain LoRA, vanilla
+T-LoRA, Ortho-LoRA, full T-LoRA and TriLoRA differ only in which of λ / m / base they carry and
+in how the factors start.
+"""
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .tlora_format import ALGOS, DEFAULT_NUM_TRAIN_TIMESTEPS, key_names
+
+# ----------------------------------------------------------------------------- rank schedule
+
+
+def active_rank_count(timesteps, rank: int, min_rank: int, power: float = 1.0, num_train_timesteps: int = DEFAULT_NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
+    """T-LoRA's r(t) = floor(((T - t) / T) ** p * (R - r_min)) + r_min, per timestep.
+
+    t = 0 (no noise) keeps all R ranks, t = T-1 keeps about r_min. Computed in float64 so that
+    the floor lands where the formula's exact arithmetic puts it. Returns a long tensor.
+    """
+    t = torch.as_tensor(timesteps).detach().to(torch.float64).reshape(-1)
+    t = t.clamp(0, num_train_timesteps)
+    fraction = ((num_train_timesteps - t) / num_train_timesteps) ** power
+    count = torch.floor(fraction * (rank - min_rank)).long() + min_rank
+    return count.clamp(min_rank, rank)
+
+
+def rank_mask(active_ranks: torch.Tensor, rank: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """(B, R) mask whose row b keeps the first active_ranks[b] ranks (the lowest indices)."""
+    device = active_ranks.device if device is None else device
+    positions = torch.arange(rank, device=device)
+    return (positions[None, :] < active_ranks.to(device)[:, None]).to(dtype)
+
+
+def mean_rank_mask(rank: int, min_rank: int, power: float = 1.0, num_train_timesteps: int = DEFAULT_NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
+    """m̄_i = fraction of t in 0..T-1 at which rank i is active (float64, shape (R,)).
+
+    The time-independent mask that minimises the expected squared error of the weight change
+    over uniformly drawn training timesteps."""
+    counts = active_rank_count(torch.arange(num_train_timesteps), rank, min_rank, power, num_train_timesteps)
+    return rank_mask(counts, rank, torch.float64).mean(dim=0)
+
+
+class TimestepState:
+    """The timesteps of the U-Net forward in progress, shared by the masked layers of a network.
+
+    `timesteps` is None outside a U-Net forward: layers then run all ranks. Masks are cached
+    per (rank, min_rank, device, dtype) for the current forward so that hundreds of layers do
+    not rebuild the same (B, R) tensor.
+    """
+
+    def __init__(self, power: float = 1.0, num_train_timesteps: int = DEFAULT_NUM_TRAIN_TIMESTEPS):
+        self.power = power
+        self.num_train_timesteps = num_train_timesteps
+        self.timesteps: Optional[torch.Tensor] = None
+        self._masks: Dict[tuple, torch.Tensor] = {}
+
+    def set(self, timesteps: Optional[torch.Tensor]) -> None:
+        self.timesteps = timesteps
+        self._masks = {}
+
+    def snapshot(self):
+        return (self.timesteps, self._masks)
+
+    def restore(self, snapshot) -> None:
+        self.timesteps, self._masks = snapshot
+
+    def mask(self, rank: int, min_rank: int, device, dtype) -> Optional[torch.Tensor]:
+        if self.timesteps is None:
+            return None
+        key = (rank, min_rank, str(device), dtype)
+        mask = self._masks.get(key)
+        if mask is None:
+            counts = active_rank_count(self.timesteps, rank, min_rank, self.power, self.num_train_timesteps)
+            mask = rank_mask(counts.to(device), rank, dtype, device)
+            self._masks[key] = mask
+        return mask
+
+
+# ----------------------------------------------------------------------------- initialisation
+
+
+def haar_orthonormal(rows: int, cols: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """A (rows x cols) matrix with orthonormal columns, uniformly (Haar) distributed.
+
+    The singular vectors of a Gaussian matrix are Haar-distributed, so this gives Ortho-LoRA's P
+    and Q without the SVD of every layer: a thin QR of a Gaussian with the sign fix."""
+    gaussian = torch.randn(rows, cols, generator=generator, dtype=torch.float32)
+    q, r = torch.linalg.qr(gaussian)
+    signs = torch.sign(torch.diagonal(r))
+    signs[signs == 0] = 1
+    return q * signs[None, :]
+
+
+def gaussian_singular_values(rows: int, cols: int, std: float) -> torch.Tensor:
+    """All min(rows, cols) singular values (descending) of a rows x cols matrix with N(0, std²)
+    entries, drawn without forming that matrix.
+
+    Golub–Kahan bidiagonalisation maps a Gaussian matrix to a bidiagonal one with independent
+    chi-distributed entries (Dumitriu & Edelman): diagonal χ_m, χ_{m-1}, …, superdiagonal
+    χ_{n-1}, …, χ_1 (n = min, m = max). Same distribution of singular values, n x n work."""
+    n, m = min(rows, cols), max(rows, cols)
+    diag_dof = torch.arange(m, m - n, -1, dtype=torch.float64)
+    off_dof = torch.arange(n - 1, 0, -1, dtype=torch.float64)
+    diag = torch.sqrt(2.0 * torch._standard_gamma(diag_dof / 2.0))
+    bidiagonal = torch.diag(diag)
+    if n > 1:
+        off = torch.sqrt(2.0 * torch._standard_gamma(off_dof / 2.0))
+        bidiagonal = bidiagonal + torch.diag(off, 1)
+    values = torch.linalg.svdvals(bidiagonal) * std
+    return values.to(torch.float32)
+
+
+def singular_slice(count: int, rank: int, init: str) -> slice:
+    """Which `rank` of `count` descending singular values an init takes: last (smallest, T-LoRA
+    default), principal (largest) or middle."""
+    if rank > count:
+        raise ValueError(f"rank {rank} exceeds the {count} singular values available")
+    if init == "last":
+        return slice(count - rank, count)
+    if init == "principal":
+        return slice(0, rank)
+    if init == "middle":
+        start = math.ceil((count - rank) / 2)
+        return slice(start, start + rank)
+    raise ValueError(f"unknown init {init!r}")
+
+
+def ortho_factors_random(in_features: int, out_features: int, rank: int, init: str, spectrum_cache: Optional[dict] = None):
+    """(P [out, R], λ [R], Q [R, in]) distributed as the chosen singular triplets of a Gaussian
+    in x out matrix with std 1/R (T-LoRA's Ortho-LoRA init). The spectrum depends only on the
+    shape, so `spectrum_cache` lets layers of one shape share one draw of it."""
+    key = (in_features, out_features, rank)
+    spectrum = None if spectrum_cache is None else spectrum_cache.get(key)
+    if spectrum is None:
+        spectrum = gaussian_singular_values(in_features, out_features, 1.0 / rank)
+        if spectrum_cache is not None:
+            spectrum_cache[key] = spectrum
+    lam = spectrum[singular_slice(spectrum.numel(), rank, init)].clone()
+    q = haar_orthonormal(in_features, rank).T.contiguous()
+    p = haar_orthonormal(out_features, rank)
+    return p, lam, q
+
+
+def ortho_factors_from_weight(weight: torch.Tensor, rank: int, init: str):
+    """(P, λ, Q) from the SVD of the pretrained weight (out x in): principal = PiSSA-like."""
+    u, s, vh = torch.linalg.svd(weight.detach().float().reshape(weight.shape[0], -1), full_matrices=False)
+    sel = singular_slice(s.numel(), rank, init)
+    return u[:, sel].contiguous(), s[sel].contiguous(), vh[sel].contiguous()
+
+
+# ----------------------------------------------------------------------------- the layer
+
+
+class _Factor(torch.nn.Module):
+    """Holds one factor matrix as `weight`, so state_dict keys read `<role>.weight` as in kohya."""
+
+    def __init__(self, tensor: torch.Tensor, trainable: bool):
+        super().__init__()
+        if trainable:
+            self.weight = torch.nn.Parameter(tensor)
+        else:
+            self.register_buffer("weight", tensor)
+
+
+def _is_conv(module) -> bool:
+    return module.__class__.__name__ == "Conv2d"
+
+
+def layer_shape(module) -> Tuple[int, int, Tuple[int, int]]:
+    """(in_features, out_features, kernel) of a Linear or Conv2d, by class name (sd-scripts' and
+    diffusers' models use torch's classes, possibly subclassed or wrapped)."""
+    if _is_conv(module):
+        return module.in_channels, module.out_channels, tuple(module.kernel_size)
+    return module.in_features, module.out_features, (1, 1)
+
+
+def _scale_rank_dim(factor: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """up factor [out, R(,1,1)] times a rank vector [R] on its rank dimension."""
+    if factor.dim() == 4:
+        return factor * coef[None, :, None, None]
+    return factor * coef[None, :]
+
+
+def apply_up(hidden: torch.Tensor, up: torch.Tensor, coef: Optional[torch.Tensor]) -> torch.Tensor:
+    """up · diag(coef) applied to the rank-space activations `hidden`.
+
+    coef is None, [R] (shared by the batch) or [B, R] (one row per sample). The per-sample case
+    folds the coefficients into a per-sample up matrix and uses one batched matmul: autograd then
+    keeps only `hidden` for backward, as plain LoRA does, instead of a second rank-sized copy."""
+    if coef is not None and coef.dim() == 2 and coef.shape[0] == 1:
+        coef = coef[0]
+    if coef is None or coef.dim() == 1:
+        weight = up if coef is None else _scale_rank_dim(up, coef.to(up.dtype))
+        return F.conv2d(hidden, weight) if up.dim() == 4 else F.linear(hidden, weight)
+    batch = hidden.shape[0]
+    per_sample = up.reshape(up.shape[0], up.shape[1])[None, :, :] * coef.to(up.dtype)[:, None, :]  # [B, out, R]
+    if up.dim() == 4:  # 1x1 conv on [B, R, H, W]
+        flat = hidden.reshape(batch, hidden.shape[1], -1)
+        return torch.bmm(per_sample, flat).reshape(batch, up.shape[0], *hidden.shape[2:])
+    flat = hidden.reshape(batch, -1, hidden.shape[-1])
+    return torch.bmm(flat, per_sample.transpose(1, 2)).reshape(*hidden.shape[:-1], up.shape[0])
+
+
+def dense_delta(down: torch.Tensor, up: torch.Tensor, coef: Optional[torch.Tensor]) -> torch.Tensor:
+    """The weight-space form of up · diag(coef) · down, shaped like the wrapped layer's weight
+    ([out, in] or [out, in, kh, kw]); coef None or [R]."""
+    up2 = up.reshape(up.shape[0], up.shape[1])
+    if coef is not None:
+        up2 = up2 * coef.to(up2.dtype)[None, :]
+    return (up2 @ down.reshape(down.shape[0], -1)).reshape(up.shape[0], *down.shape[1:])
+
+
+class FactorisedAdapter(torch.nn.Module):
+    """One adapted Linear / Conv2d. Replaces `org_module.forward` (as sd-scripts' LoRA does);
+    the wrapped module keeps its weights and the adapter adds its change."""
+
+    def __init__(
+        self,
+        lora_name: str,
+        org_module: torch.nn.Module,
+        algo: str,
+        rank: int,
+        alpha: Optional[float],
+        min_rank: Optional[int] = None,
+        multiplier: float = 1.0,
+        dropout: Optional[float] = None,
+        rank_dropout: Optional[float] = None,
+        module_dropout: Optional[float] = None,
+        init: str = "last",
+        init_source: str = "random",
+        spectrum_cache: Optional[dict] = None,
+        initialise: bool = True,
+    ):
+        super().__init__()
+        self.lora_name = lora_name
+        self.algo = algo
+        self.spec = ALGOS[algo]
+        self.keys = key_names(algo)
+        self.rank = rank
+        self.min_rank = rank if min_rank is None else min_rank
+        self.in_features, self.out_features, self.kernel_size = layer_shape(org_module)
+        self.is_conv = _is_conv(org_module)
+        self.stride = tuple(org_module.stride) if self.is_conv else None
+        self.padding = org_module.padding if self.is_conv else None
+        self.dilation = tuple(org_module.dilation) if self.is_conv else None
+        if self.is_conv and getattr(org_module, "groups", 1) != 1:
+            raise ValueError(f"{lora_name}: grouped convolutions are not supported")
+
+        alpha = float(rank if alpha is None or float(alpha) == 0 else alpha)
+        self.scale = alpha / rank
+        self.register_buffer("alpha", torch.tensor(alpha))
+        self.multiplier = multiplier
+        self.dropout = dropout
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
+        self.timestep_state: Optional[TimestepState] = None  # set by the network on masked U-Net layers
+        self.enabled = True
+        self.org_module_ref = [org_module]  # a list, so the wrapped module is not a child of ours
+        self.org_forward = None
+
+        down, up, lam = self._initial_factors(org_module, init, init_source, spectrum_cache, initialise)
+        self._register(down, up, lam)
+
+    # -- construction
+
+    def _down_shape(self):
+        if self.is_conv:
+            return (self.rank, self.in_features, *self.kernel_size)
+        return (self.rank, self.in_features)
+
+    def _up_shape(self):
+        return (self.out_features, self.rank, 1, 1) if self.is_conv else (self.out_features, self.rank)
+
+    def _initial_factors(self, org_module, init, init_source, spectrum_cache, initialise):
+        down_shape, up_shape = self._down_shape(), self._up_shape()
+        fan_in = math.prod(down_shape[1:])
+        if not initialise:  # about to be overwritten by a loaded file
+            lam = torch.zeros(self.rank) if self.spec.has_lambda else None
+            return torch.zeros(down_shape), torch.zeros(up_shape), lam
+        kind = self.spec.init
+        if kind == "ortho":
+            limit = min(fan_in, self.out_features)
+            if self.rank > limit:
+                raise ValueError(
+                    f"{self.lora_name}: rank {self.rank} is larger than this layer allows for an orthogonal "
+                    f"init ({fan_in} in, {self.out_features} out); use network_dim <= {limit}"
+                )
+            if init_source == "weight":
+                p, lam, q = ortho_factors_from_weight(org_module.weight, self.rank, init)
+            else:
+                p, lam, q = ortho_factors_random(fan_in, self.out_features, self.rank, init, spectrum_cache)
+            return q.reshape(down_shape), p.reshape(up_shape), lam
+        down = torch.empty(down_shape)
+        up = torch.empty(up_shape)
+        if kind == "gaussian":  # official T-LoRA: down ~ N(0, 1/R), up = 0
+            torch.nn.init.normal_(down, std=1.0 / self.rank)
+            torch.nn.init.zeros_(up)
+            return down, up, None
+        if kind == "kaiming":  # sd-scripts' LoRA: kaiming-uniform down, zero up
+            torch.nn.init.kaiming_uniform_(down, a=math.sqrt(5))
+            torch.nn.init.zeros_(up)
+            return down, up, None
+        # TriLoRA: P and Q kaiming-uniform, λ = 0, so the change starts at zero
+        torch.nn.init.kaiming_uniform_(down, a=math.sqrt(5))
+        torch.nn.init.kaiming_uniform_(up, a=math.sqrt(5))
+        return down, up, torch.zeros(self.rank)
+
+    def _register(self, down, up, lam):
+        keys = self.keys
+        setattr(self, keys["down"].split(".")[0], _Factor(down.contiguous(), trainable=True))
+        setattr(self, keys["up"].split(".")[0], _Factor(up.contiguous(), trainable=True))
+        if self.spec.has_lambda:
+            self.register_parameter(keys["lambda"], torch.nn.Parameter(lam.clone()))
+        if self.spec.has_base:  # frozen copies as buffers: saved, moved, cast, never trained
+            setattr(self, keys["down_base"].split(".")[0], _Factor(down.clone().contiguous(), trainable=False))
+            setattr(self, keys["up_base"].split(".")[0], _Factor(up.clone().contiguous(), trainable=False))
+            self.register_buffer(keys["lambda_base"], lam.clone())
+
+    # -- factor access by role
+
+    def factor(self, role: str) -> Optional[torch.Tensor]:
+        key = self.keys.get(role)
+        if key is None:
+            return None
+        holder = getattr(self, key.split(".")[0])
+        return holder.weight if key.endswith(".weight") else holder
+
+    @property
+    def org_module(self):
+        return self.org_module_ref[0]
+
+    # -- hooking into the wrapped module
+
+    def apply_to(self):
+        self.org_forward = self.org_module.forward
+        self.org_module.forward = self.forward
+
+    def remove(self):
+        """Give the wrapped module its own forward back."""
+        if self.org_forward is not None:
+            self.org_module.forward = self.org_forward
+            self.org_forward = None
+
+    # -- the math
+
+    def rank_weights(self, batch_size: int, device, dtype) -> Optional[torch.Tensor]:
+        """Per-sample rank mask m (timestep mask ⊙ rank dropout): None, or [B, R] / [1, R]."""
+        mask = None
+        if self.timestep_state is not None:
+            mask = self.timestep_state.mask(self.rank, self.min_rank, device, dtype)
+            if mask is not None and mask.shape[0] not in (1, batch_size):
+                if batch_size % mask.shape[0] != 0:
+                    raise ValueError(
+                        f"{self.lora_name}: input batch {batch_size} is not a multiple of the "
+                        f"{mask.shape[0]} timesteps the U-Net was called with"
+                    )
+                # classifier-free guidance stacks [uncond; cond] copies of the batch
+                mask = mask.repeat(batch_size // mask.shape[0], 1)
+        if self.rank_dropout is not None and self.training:
+            keep = (torch.rand(batch_size, self.rank, device=device) > self.rank_dropout).to(dtype)
+            keep = keep / (1.0 - self.rank_dropout)  # as sd-scripts: treat it as a smaller rank
+            mask = keep if mask is None else mask * keep
+        return mask
+
+    def _down(self, x, weight):
+        if self.is_conv:
+            return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation)
+        return F.linear(x, weight)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's change of the output for input x (without multiplier and alpha/R)."""
+        lam = self.factor("lambda")
+        mask = self.rank_weights(x.shape[0], x.device, (lam if lam is not None else self.factor("up")).dtype)
+        coef = lam if mask is None else (mask if lam is None else lam[None, :] * mask)
+
+        hidden = self._down(x, self.factor("down"))
+        keep = None
+        if self.dropout is not None and self.training:
+            # one dropout mask for both branches, so the Ortho forms stay exactly zero-change
+            keep = F.dropout(torch.ones_like(hidden), p=self.dropout)
+            hidden = hidden * keep
+        out = apply_up(hidden, self.factor("up"), coef)
+
+        if self.spec.has_base:
+            lam0 = self.factor("lambda_base")
+            coef0 = lam0 if mask is None else lam0[None, :] * mask
+            hidden0 = self._down(x, self.factor("down_base"))
+            if keep is not None:
+                hidden0 = hidden0 * keep
+            out = out - apply_up(hidden0, self.factor("up_base"), coef0)
+        return out
+
+    def forward(self, x, *args, **kwargs):
+        org_out = self.org_forward(x, *args, **kwargs)
+        if not self.enabled or self.multiplier == 0:
+            return org_out
+        if self.module_dropout is not None and self.training and torch.rand(1) < self.module_dropout:
+            return org_out
+        weight_dtype = self.factor("down").dtype
+        lx = x
+        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+            lx = x.to(weight_dtype)
+        change = self.delta(lx)
+        return org_out + (change * (self.multiplier * self.scale)).to(org_out.dtype)
+
+    def delta_weight(self, rank_mask_vector: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The change in weight space (float32, shaped like the wrapped weight) with a fixed
+        time-independent mask vector [R] (None = all ranks), without multiplier or alpha/R."""
+        lam = self.factor("lambda")
+        mask = None if rank_mask_vector is None else rank_mask_vector.float()
+        coef = None if lam is None else lam.float()
+        if mask is not None:
+            coef = mask if coef is None else coef * mask
+        change = dense_delta(self.factor("down").float(), self.factor("up").float(), coef)
+        if self.spec.has_base:
+            coef0 = self.factor("lambda_base").float()
+            if mask is not None:
+                coef0 = coef0 * mask
+            change = change - dense_delta(self.factor("down_base").float(), self.factor("up_base").float(), coef0)
+        return change

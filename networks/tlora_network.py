@@ -1,0 +1,527 @@
+"""The network: which layers are adapted, the U-Net timestep hook, and every method sd-scripts
+calls on a network object (REFERENCE §3), for training and for its generation scripts."""
+
+import logging
+import os
+import weakref
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+
+import torch
+
+from .tlora_format import (
+    NetworkConfig,
+    TLoRAFormatError,
+    TrainingOptions,
+    atomic_save_safetensors,
+    build_metadata,
+    group_by_layer,
+    read_safetensors,
+    validate_layer_tensors,
+)
+from .tlora_layer import FactorisedAdapter, TimestepState, layer_shape
+
+logger = logging.getLogger(__name__)
+
+UNET_TARGET_MODULES = ("Transformer2DModel",)
+UNET_CONV_TARGET_MODULES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+TEXT_ENCODER_TARGET_MODULES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
+# targets=attention: the paper's setting, the projections of self- and cross-attention
+ATTENTION_PROJECTIONS = tuple(f"{attn}.{proj}" for attn in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v", "to_out.0"))
+PREFIX_UNET = "lora_unet"
+PREFIX_TEXT_ENCODER = "lora_te"
+
+
+def text_encoder_prefixes(count: int) -> List[str]:
+    """kohya names: lora_te for one text encoder, lora_te1 / lora_te2 for SDXL's two."""
+    return [PREFIX_TEXT_ENCODER] if count == 1 else [f"{PREFIX_TEXT_ENCODER}{i + 1}" for i in range(count)]
+
+
+def as_module(model):
+    """sd-scripts' generation scripts wrap the U-Net in an object that is not an nn.Module and
+    forwards attribute access to `.delegate`; hooks must go on the real module."""
+    if model is None or isinstance(model, torch.nn.Module):
+        return model
+    delegate = getattr(model, "delegate", None)
+    return delegate if isinstance(delegate, torch.nn.Module) else model
+
+
+def as_list(text_encoder) -> list:
+    if text_encoder is None:
+        return []
+    return list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
+
+
+def find_target_layers(root, prefix: str, target_classes: Iterable[str], include_conv_kxk: bool, attention_only: bool):
+    """(kohya name, module, is kxk conv) of every Linear / Conv2d inside a target block, in
+    sd-scripts' order. Matching is by class name, never isinstance: sd-scripts' own U-Nets and
+    diffusers' share the names but not the classes."""
+    target_classes = set(target_classes)
+    seen = set()
+    found = []
+    for name, module in root.named_modules():
+        if module.__class__.__name__ not in target_classes:
+            continue
+        for child_name, child in module.named_modules():
+            cls = child.__class__.__name__
+            if cls not in ("Linear", "Conv2d") or id(child) in seen:
+                continue
+            if attention_only and not child_name.endswith(ATTENTION_PROJECTIONS):
+                continue
+            is_kxk = cls == "Conv2d" and tuple(child.kernel_size) != (1, 1)
+            if is_kxk and not include_conv_kxk:
+                continue
+            seen.add(id(child))
+            lora_name = f"{prefix}.{name}.{child_name}".replace(".", "_")
+            found.append((lora_name, child, is_kxk))
+    return found
+
+
+def extract_timesteps(args, kwargs) -> Optional[torch.Tensor]:
+    """The timestep argument of a U-Net call as a 1-D tensor, or None.
+
+    diffusers and sd-scripts' SD1 U-Net: forward(sample, timestep, ...); sd-scripts' SDXL U-Net:
+    forward(x, timesteps=None, ...); callers pass a tensor of B values, a 0-dim tensor or a number."""
+    value = None
+    for key in ("timestep", "timesteps", "t"):
+        if kwargs.get(key) is not None:
+            value = kwargs[key]
+            break
+    else:
+        if len(args) > 1:
+            value = args[1]
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor([float(value)])
+    if torch.is_tensor(value):
+        value = value.detach()
+        if value.device.type == "mps":  # no float64 there; the mask is tiny
+            value = value.cpu()
+        return value.reshape(-1)
+    return None
+
+
+def _tensors_in(output) -> List[torch.Tensor]:
+    if torch.is_tensor(output):
+        return [output]
+    if isinstance(output, (list, tuple)):
+        return [t for item in output for t in _tensors_in(item)]
+    if isinstance(output, Mapping):
+        return [t for item in output.values() for t in _tensors_in(item)]
+    sample = getattr(output, "sample", None)
+    return [sample] if torch.is_tensor(sample) else []
+
+
+def _queue_backward_callback(fn) -> None:
+    try:
+        torch.autograd.Variable._execution_engine.queue_callback(fn)
+    except (AttributeError, RuntimeError):
+        pass
+
+
+class TimestepHook:
+    """Sets the per-sample rank mask from the U-Net's own timestep argument, with no patch of
+    the host trainer.
+
+    The pre-hook records this forward's timesteps; the post-hook clears them (so text encoders
+    and bare layer calls run all ranks) and, if the output will be differentiated, registers a
+    gradient hook on it that puts this forward's timesteps back when backward reaches the U-Net.
+    Gradient checkpointing recomputes the layers only after that point, so the recomputation
+    sees the mask of the forward being differentiated even if another (no-grad) U-Net call ran
+    in between."""
+
+    def __init__(self, state: TimestepState, unet: torch.nn.Module):
+        self.state = state
+        self.handles = [
+            unet.register_forward_pre_hook(self._before, with_kwargs=True),
+            unet.register_forward_hook(self._after, with_kwargs=True),
+        ]
+
+    def _before(self, module, args, kwargs):
+        self.state.set(extract_timesteps(args, kwargs))
+
+    def _after(self, module, args, kwargs, output):
+        snapshot = self.state.snapshot()
+        self.state.set(None)
+        if snapshot[0] is None or not torch.is_grad_enabled():
+            return None
+        state = self.state
+
+        def restore(grad):
+            state.restore(snapshot)
+            _queue_backward_callback(lambda: state.set(None))
+            return None
+
+        for tensor in _tensors_in(output):
+            if tensor.requires_grad:
+                tensor.register_hook(restore)
+        return None
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+class TLoRANetwork(torch.nn.Module):
+    """Adapters for the U-Net and the text encoders, kohya style: each adapter replaces its
+    layer's forward; the network owns the shared timestep state and the hooks."""
+
+    def __init__(
+        self,
+        text_encoders,
+        unet,
+        config: NetworkConfig,
+        training: Optional[TrainingOptions] = None,
+        multiplier: float = 1.0,
+        layer_ranks: Optional[Dict[str, Tuple[int, Optional[float]]]] = None,
+        initialise: bool = True,
+    ):
+        super().__init__()
+        self.config = config
+        self.training_options = training or TrainingOptions()
+        self.multiplier = multiplier
+        self.timestep_state = TimestepState(config.rank_schedule_power, config.num_train_timesteps)
+        self._timestep_hook: Optional[TimestepHook] = None
+        self._ortho_hook = None
+        self._spectrum_cache: dict = {}
+
+        text_encoders = as_list(text_encoders)
+        unet = as_module(unet)
+        attention_only = config.targets == "attention"
+        include_conv = config.conv_rank is not None or layer_ranks is not None
+
+        candidates: List[Tuple[str, torch.nn.Module, bool, bool]] = []  # name, module, is_kxk, is_unet
+        for prefix, text_encoder in zip(text_encoder_prefixes(len(text_encoders)), text_encoders):
+            for name, module, is_kxk in find_target_layers(as_module(text_encoder), prefix, TEXT_ENCODER_TARGET_MODULES, False, False):
+                candidates.append((name, module, is_kxk, False))
+        if unet is not None:
+            unet_targets = UNET_TARGET_MODULES + (UNET_CONV_TARGET_MODULES if include_conv else ())
+            for name, module, is_kxk in find_target_layers(unet, PREFIX_UNET, unet_targets, include_conv, attention_only and layer_ranks is None):
+                candidates.append((name, module, is_kxk, True))
+
+        if layer_ranks is not None:
+            known = {name for name, *_ in candidates}
+            unmatched = sorted(set(layer_ranks) - known)
+            if unmatched:
+                raise TLoRAFormatError(
+                    f"{len(unmatched)} layer(s) of the file match no layer of this model, e.g. {unmatched[:3]}; "
+                    f"the file was trained for another model family (SD1/SD2/SDXL) or another text encoder setup"
+                )
+
+        self.text_encoder_loras: List[FactorisedAdapter] = []
+        self.unet_loras: List[FactorisedAdapter] = []
+        opts = self.training_options
+        for name, module, is_kxk, is_unet in candidates:
+            rank, alpha, min_rank = config.layer_settings(is_kxk)
+            if layer_ranks is not None:
+                if name not in layer_ranks:
+                    continue
+                file_rank, file_alpha = layer_ranks[name]
+                if config.spec.masked and is_unet and file_rank != rank:
+                    raise TLoRAFormatError(f"layer {name!r} has rank {file_rank} in the file but its metadata says {rank}")
+                rank, alpha = file_rank, file_alpha
+                min_rank = min(min_rank if min_rank is not None else rank, rank)
+            if rank is None:
+                continue
+            in_features, out_features, _ = layer_shape(module)
+            layer = FactorisedAdapter(
+                name,
+                module,
+                config.algo,
+                rank,
+                alpha,
+                min_rank=min_rank,
+                multiplier=multiplier,
+                dropout=opts.dropout,
+                rank_dropout=opts.rank_dropout,
+                module_dropout=opts.module_dropout,
+                init=config.init,
+                init_source=config.init_source,
+                spectrum_cache=self._spectrum_cache,
+                initialise=initialise,
+            )
+            if is_unet and config.spec.masked:
+                layer.timestep_state = self.timestep_state
+            (self.unet_loras if is_unet else self.text_encoder_loras).append(layer)
+            self.add_module(name, layer)
+        logger.info(
+            "networks.tlora: algo=%s rank=%s alpha=%s min_rank=%s: %d text encoder and %d U-Net layers",
+            config.algo, config.rank, config.alpha, config.min_rank, len(self.text_encoder_loras), len(self.unet_loras),
+        )
+        if config.ortho_reg > 0:
+            self._register_ortho_penalty()
+
+    # ------------------------------------------------------------------ layers
+
+    @property
+    def loras(self) -> List[FactorisedAdapter]:
+        return self.text_encoder_loras + self.unet_loras
+
+    def _drop_layers(self, layers: List[FactorisedAdapter]) -> None:
+        for layer in layers:
+            delattr(self, layer.lora_name)
+        layers.clear()
+
+    def apply_to(self, text_encoder=None, unet=None, apply_text_encoder=True, apply_unet=True):
+        """Replace the forwards of the target layers; hook the U-Net for the timestep mask."""
+        if not apply_text_encoder:
+            self._drop_layers(self.text_encoder_loras)
+        if not apply_unet:
+            self._drop_layers(self.unet_loras)
+        for layer in self.loras:
+            layer.apply_to()
+        logger.info("networks.tlora: enabled %d text encoder and %d U-Net layers", len(self.text_encoder_loras), len(self.unet_loras))
+        if self.config.spec.masked and self.unet_loras and unet is not None:
+            self.hook_unet(unet)
+
+    def hook_unet(self, unet) -> None:
+        if self._timestep_hook is not None:
+            self._timestep_hook.remove()
+        self._timestep_hook = TimestepHook(self.timestep_state, as_module(unet))
+
+    def remove(self) -> None:
+        """Undo apply_to: original forwards back, hooks removed."""
+        for layer in self.loras:
+            layer.remove()
+        if self._timestep_hook is not None:
+            self._timestep_hook.remove()
+            self._timestep_hook = None
+        if self._ortho_hook is not None:
+            self._ortho_hook.remove()
+            self._ortho_hook = None
+
+    def set_multiplier(self, multiplier):
+        self.multiplier = multiplier
+        for layer in self.loras:
+            layer.multiplier = multiplier
+
+    def set_enabled(self, is_enabled: bool):
+        for layer in self.loras:
+            layer.enabled = is_enabled
+
+    # ------------------------------------------------------------------ training hooks of sd-scripts
+
+    def prepare_network(self, args):
+        save_as = getattr(args, "save_model_as", None)
+        if save_as is not None and save_as != "safetensors":
+            raise TLoRAFormatError(f"networks.tlora writes only safetensors; use --save_model_as safetensors (got {save_as!r})")
+
+    def enable_gradient_checkpointing(self):
+        pass  # the U-Net checkpoints; the timestep hook keeps masks right under recomputation
+
+    def prepare_grad_etc(self, text_encoder, unet):
+        self.requires_grad_(True)
+
+    def on_epoch_start(self, text_encoder, unet):
+        self.train()
+
+    def on_step_start(self, text_encoder, unet):
+        pass  # the mask comes from the U-Net call itself, not from the step
+
+    def get_trainable_params(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def prepare_optimizer_params_with_multiple_te_lrs(self, text_encoder_lr, unet_lr, default_lr):
+        """Parameter groups (text encoder(s), U-Net; LoRA+ 'plus' groups for the up factors) and
+        one description per group, as sd-scripts expects."""
+        self.requires_grad_(True)
+        opts = self.training_options
+        groups, descriptions = [], []
+
+        def add(layers, lr, ratio, label):
+            main, plus = [], []
+            for layer in layers:
+                for pname, param in layer.named_parameters():
+                    (plus if ratio is not None and pname.startswith(layer.keys["up"].split(".")[0]) else main).append(param)
+            for params, suffix, group_lr in ((main, "", lr), (plus, " plus", None if lr is None or ratio is None else lr * ratio)):
+                if not params or group_lr is None or group_lr == 0:
+                    continue
+                groups.append({"params": params, "lr": group_lr})
+                descriptions.append(label + suffix)
+
+        if self.text_encoder_loras:
+            prefixes = sorted({layer.lora_name.split("_")[1] for layer in self.text_encoder_loras})  # te / te1 / te2
+            if text_encoder_lr is None or (isinstance(text_encoder_lr, (list, tuple)) and len(text_encoder_lr) == 0):
+                lrs = [default_lr] * len(prefixes)
+            elif isinstance(text_encoder_lr, (list, tuple)):
+                lrs = [float(text_encoder_lr[min(i, len(text_encoder_lr) - 1)]) for i in range(len(prefixes))]
+            else:
+                lrs = [float(text_encoder_lr)] * len(prefixes)
+            ratio = opts.loraplus_text_encoder_lr_ratio or opts.loraplus_lr_ratio
+            for index, (prefix, lr) in enumerate(zip(prefixes, lrs)):
+                layers = [layer for layer in self.text_encoder_loras if layer.lora_name.split("_")[1] == prefix]
+                label = "textencoder" if len(prefixes) == 1 else f"textencoder {index + 1}"
+                add(layers, lr, ratio, label)
+        if self.unet_loras:
+            add(self.unet_loras, unet_lr if unet_lr is not None else default_lr, opts.loraplus_unet_lr_ratio or opts.loraplus_lr_ratio, "unet")
+        return groups, descriptions
+
+    def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr=None):
+        return self.prepare_optimizer_params_with_multiple_te_lrs(text_encoder_lr, unet_lr, default_lr)
+
+    # ------------------------------------------------------------------ TriLoRA orthogonality option
+
+    def _register_ortho_penalty(self):
+        """γ(‖PᵀP − I‖² + ‖QQᵀ − I‖²) enters through the gradients right before each optimiser
+        step (sd-scripts adds no loss of a network's). The step pre-hook runs after a GradScaler
+        has unscaled the gradients and after DDP has averaged them, so the penalty is added once
+        per step, unscaled, identically on every rank."""
+        network = weakref.ref(self)
+
+        def hook(optimizer, args, kwargs):
+            net = network()
+            if net is not None:
+                net.add_orthogonality_gradient(optimizer)
+
+        self._ortho_hook = torch.optim.optimizer.register_optimizer_step_pre_hook(hook)
+
+    @torch.no_grad()
+    def add_orthogonality_gradient(self, optimizer=None) -> None:
+        gamma = self.config.ortho_reg
+        owned = None if optimizer is None else {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for layer in self.loras:
+            for role, transpose in (("up", False), ("down", True)):
+                param = layer.factor(role)
+                if owned is not None and id(param) not in owned:
+                    continue
+                matrix = param.reshape(param.shape[0], -1).float()
+                if transpose:  # Q [R, in]: penalise QQᵀ − I by working on Qᵀ
+                    matrix = matrix.T
+                eye = torch.eye(matrix.shape[1], device=matrix.device)
+                grad = 4.0 * gamma * matrix @ (matrix.T @ matrix - eye)
+                if transpose:
+                    grad = grad.T
+                grad = grad.reshape(param.shape).to(param.dtype)
+                if param.grad is None:
+                    param.grad = grad
+                else:
+                    param.grad.add_(grad)
+
+    def orthogonality_penalty(self) -> torch.Tensor:
+        """γ Σ (‖PᵀP − I‖² + ‖QQᵀ − I‖²) over layers (for logging and tests)."""
+        total = torch.zeros(())
+        for layer in self.loras:
+            p = layer.factor("up").reshape(layer.factor("up").shape[0], -1).float()
+            q = layer.factor("down").reshape(layer.rank, -1).float()
+            eye = torch.eye(layer.rank, device=p.device)
+            total = total + ((p.T @ p - eye) ** 2).sum().cpu() + ((q @ q.T - eye) ** 2).sum().cpu()
+        return self.config.ortho_reg * total
+
+    # ------------------------------------------------------------------ regularisation
+
+    @torch.no_grad()
+    def apply_max_norm_regularization(self, max_norm_value, device):
+        """Scale each layer's change down to a Frobenius norm of at most max_norm_value (all
+        ranks active). λ forms scale λ and λ0 together, which scales the change exactly."""
+        keys_scaled = 0
+        norms = []
+        for layer in self.loras:
+            change = layer.delta_weight().to(device) * layer.scale
+            norm = change.norm().clamp(min=max_norm_value / 2)
+            desired = torch.clamp(norm, max=max_norm_value)
+            ratio = (desired / norm).item()
+            if ratio != 1:
+                keys_scaled += 1
+                if layer.spec.has_lambda:
+                    layer.factor("lambda").mul_(ratio)
+                    if layer.spec.has_base:
+                        layer.factor("lambda_base").mul_(ratio)
+                else:
+                    layer.factor("up").mul_(ratio**0.5)
+                    layer.factor("down").mul_(ratio**0.5)
+            norms.append(change.norm().item() * ratio)
+        if not norms:
+            return 0, 0.0, 0.0
+        return keys_scaled, sum(norms) / len(norms), max(norms)
+
+    # ------------------------------------------------------------------ files
+
+    def save_weights(self, file, dtype, metadata):
+        root, ext = os.path.splitext(file)
+        if ext != ".safetensors":
+            logger.warning("networks.tlora writes only safetensors: saving %s.safetensors instead of %s", root, file)
+            file = root + ".safetensors"
+        state_dict = self.state_dict()
+        if dtype is not None:
+            state_dict = {k: v.detach().to("cpu", dtype=dtype) for k, v in state_dict.items()}
+        atomic_save_safetensors(state_dict, file, build_metadata(self.config, metadata))
+
+    def check_state_dict(self, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+        """Refuse a state dict that does not fit this network, before anything is changed."""
+        own = self.state_dict()
+        unexpected = sorted(set(tensors) - set(own))
+        if unexpected:
+            raise TLoRAFormatError(
+                f"{source}: {len(unexpected)} tensor(s) do not belong to this network (algo={self.config.algo}), "
+                f"e.g. {unexpected[:3]}; was it trained with another algo, model family or text encoder setting?"
+            )
+        for key, value in tensors.items():
+            if tuple(value.shape) != tuple(own[key].shape):
+                raise TLoRAFormatError(
+                    f"{source}: {key} has shape {tuple(value.shape)}, this network needs {tuple(own[key].shape)} "
+                    f"(different network_dim / conv_dim?)"
+                )
+            if not value.is_floating_point():
+                raise TLoRAFormatError(f"{source}: {key} has dtype {value.dtype}, expected floating point")
+
+    def load_weights(self, file):
+        tensors, _ = read_safetensors(file)
+        self.check_state_dict(tensors, file)
+        return self.load_state_dict(tensors, strict=False)
+
+    # ------------------------------------------------------------------ generation scripts
+
+    def is_mergeable(self):
+        return True
+
+    @torch.no_grad()
+    def merge_to(self, text_encoder, unet, weights_sd, dtype, device):
+        """Add every layer's change (all ranks: a merged weight cannot follow the timestep) into
+        the wrapped weights, as sd-scripts' --network_merge and --base_weights expect."""
+        if weights_sd is not None:
+            self.check_state_dict(weights_sd, "weights")
+            self.load_state_dict(weights_sd, strict=False)
+        for layer in self.loras:
+            self._add_to_weight(layer, layer.multiplier, device, dtype)
+        logger.info("networks.tlora: merged %d layers", len(self.loras))
+
+    @staticmethod
+    def _add_to_weight(layer: FactorisedAdapter, multiplier, device=None, dtype=None):
+        module = layer.org_module
+        weight = module.weight
+        change = layer.delta_weight().to(weight.device if device is None else device) * (multiplier * layer.scale)
+        merged = weight.detach().to(change.device, torch.float32) + change
+        module.weight.data = merged.to(weight.device, weight.dtype if dtype is None else dtype)
+
+    def backup_weights(self):
+        for layer in self.loras:
+            module = layer.org_module
+            if not hasattr(module, "_lora_org_weight"):
+                module._lora_org_weight = module.weight.detach().clone()
+                module._lora_restored = True
+
+    def restore_weights(self):
+        for layer in self.loras:
+            module = layer.org_module
+            if hasattr(module, "_lora_org_weight") and not getattr(module, "_lora_restored", True):
+                module.weight.data = module._lora_org_weight.clone()
+                module._lora_restored = True
+                layer.enabled = True
+
+    @torch.no_grad()
+    def pre_calculation(self):
+        for layer in self.loras:
+            self._add_to_weight(layer, layer.multiplier)
+            layer.org_module._lora_restored = False
+            layer.enabled = False
+
+
+def layer_ranks_from_tensors(tensors: Mapping[str, torch.Tensor], algo: str) -> Dict[str, Tuple[int, Optional[float]]]:
+    """{layer name: (rank, alpha)} of a file's tensors, validating every layer."""
+    ranks = {}
+    for name, layer_tensors in group_by_layer(tensors).items():
+        rank = validate_layer_tensors(name, layer_tensors, algo)
+        alpha = layer_tensors.get("alpha")
+        ranks[name] = (rank, None if alpha is None else float(alpha.float().item()))
+    return ranks
