@@ -138,13 +138,14 @@ class Transformer2DModel(nn.Module):
         self.transformer_blocks = nn.ModuleList([_BasicTransformerBlock(dim, context_dim) for _ in range(depth)])
         self.proj_out = nn.Linear(dim, dim)
         self.gradient_checkpointing = False
+        self.checkpoint_reentrant = True  # sd-scripts' SDXL U-Net uses reentrant checkpointing
 
     def forward(self, x, context):
         b, c, h, w = x.shape
         hidden = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c))
         for block in self.transformer_blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                hidden = torch.utils.checkpoint.checkpoint(block, hidden, context, use_reentrant=False)
+                hidden = torch.utils.checkpoint.checkpoint(block, hidden, context, use_reentrant=self.checkpoint_reentrant)
             else:
                 hidden = block(hidden, context)
         return x + self.proj_out(hidden).reshape(b, h, w, c).permute(0, 3, 1, 2)
@@ -180,10 +181,11 @@ class SgmTinyUNet(nn.Module):
         self.output_blocks = nn.ModuleList([nn.ModuleList([ResnetBlock2D(dim, dim), Transformer2DModel(dim, context_dim)])])
         self.out = nn.Sequential(nn.GroupNorm(8, dim), nn.SiLU(), nn.Conv2d(dim, 4, 3, padding=1))
 
-    def set_gradient_checkpointing(self, enabled: bool):
+    def set_gradient_checkpointing(self, enabled: bool, reentrant: bool = True):
         for module in self.modules():
             if isinstance(module, Transformer2DModel):
                 module.gradient_checkpointing = enabled
+                module.checkpoint_reentrant = reentrant
 
     def _time_embedding(self, timesteps, batch):
         timesteps = torch.as_tensor(timesteps, dtype=torch.float32).reshape(-1).expand(batch)

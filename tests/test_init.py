@@ -1,0 +1,111 @@
+"""Initialisation: zero change at step 0, orthonormal Ortho factors, the λ spectrum of a Gaussian."""
+
+import math
+
+import pytest
+import torch
+
+import networks.tlora as tlora
+from networks.tlora_layer import gaussian_singular_values, ortho_factors_random, singular_slice
+from netutil import ALGOS, inputs, make_layout, network_args
+
+
+@pytest.mark.parametrize("layout_name", ["sd1", "sgm"])
+@pytest.mark.parametrize("algo", ALGOS)
+def test_change_is_exactly_zero_at_step_0(layout_name, algo):
+    layout = make_layout(layout_name)
+    x, ids = inputs()
+    t = torch.tensor([999, 10])
+    with torch.no_grad():
+        ctx = layout.encode(ids)
+        before = layout.call(x, t, ctx)
+    net = tlora.create_network(1.0, 8, 4, None, layout.text_encoder_arg(), layout.unet, **network_args(algo, conv_dim="4"))
+    net.apply_to(layout.text_encoder_arg(), layout.unet)
+    with torch.no_grad():
+        for layer in net.loras:
+            assert torch.count_nonzero(layer.delta_weight()) == 0, layer.lora_name
+        after = layout.call(x, t, layout.encode(ids))
+    # the weight-space change is exactly zero; the forward adds (P·c·Q − P0·c0·Q0)x computed as two
+    # branches, which BLAS may round differently by an ulp, so compare outputs at float precision
+    assert (after - before).abs().max() <= 1e-5 * before.abs().max()
+
+
+def test_ortho_factors_are_orthonormal_and_base_is_a_copy():
+    layout = make_layout("sd1")
+    net = tlora.create_network(1.0, 8, 8, None, layout.text_encoder_arg(), layout.unet, algo="tlora", conv_dim="4")
+    assert net.loras
+    for layer in net.loras:
+        q = layer.factor("down").reshape(layer.rank, -1)
+        p = layer.factor("up").reshape(-1, layer.rank)
+        eye = torch.eye(layer.rank)
+        assert torch.allclose(q @ q.T, eye, atol=1e-5), layer.lora_name
+        assert torch.allclose(p.T @ p, eye, atol=1e-5), layer.lora_name
+        assert torch.equal(layer.factor("down"), layer.factor("down_base"))
+        assert torch.equal(layer.factor("up"), layer.factor("up_base"))
+        assert torch.equal(layer.factor("lambda"), layer.factor("lambda_base"))
+        assert not layer.factor("down_base").requires_grad and not layer.factor("lambda_base").requires_grad
+        # 'last' init: descending, the smallest singular values of a std 1/R Gaussian are well below its largest
+        lam = layer.factor("lambda")
+        assert torch.all(lam[:-1] >= lam[1:])
+
+
+def _ks_statistic(a, b):
+    a, b = torch.sort(a).values, torch.sort(b).values
+    values = torch.cat([a, b])
+    cdf_a = torch.searchsorted(a, values, right=True).double() / a.numel()
+    cdf_b = torch.searchsorted(b, values, right=True).double() / b.numel()
+    return (cdf_a - cdf_b).abs().max().item()
+
+
+@pytest.mark.parametrize("rows,cols,rank", [(12, 20, 4), (16, 16, 3), (24, 10, 5)])
+def test_lambda_spectrum_matches_svd_of_gaussian(rows, cols, rank):
+    """Two-sample Kolmogorov–Smirnov test per selected singular value, against torch.linalg.svd
+    of real Gaussian matrices with std 1/R (the official init). alpha = 1e-4 per comparison."""
+    torch.manual_seed(1234)
+    draws = 1500
+    std = 1.0 / rank
+    reference = torch.stack([torch.linalg.svdvals(torch.randn(rows, cols) * std) for _ in range(draws)])
+    ours = torch.stack([gaussian_singular_values(rows, cols, std) for _ in range(draws)])
+    n = min(rows, cols)
+    critical = math.sqrt(-math.log(1e-4 / 2) / 2) * math.sqrt(2 / draws)
+    for init in ("last", "principal", "middle"):
+        sel = singular_slice(n, rank, init)
+        for index in range(sel.start, sel.stop):
+            statistic = _ks_statistic(ours[:, index], reference[:, index])
+            assert statistic < critical, (init, index, statistic, critical)
+    # and the test has teeth: a wrong scale is rejected
+    assert _ks_statistic(ours[:, 0] * 1.1, reference[:, 0]) > critical
+
+
+def test_ortho_factor_shapes_and_selection():
+    cache = {}
+    p, lam, q = ortho_factors_random(20, 12, 4, "last", cache)
+    assert p.shape == (12, 4) and q.shape == (4, 20) and lam.shape == (4,)
+    spectrum = cache[(20, 12, 4)]
+    assert torch.equal(lam, spectrum[-4:])
+    _, lam_principal, _ = ortho_factors_random(20, 12, 4, "principal", cache)
+    assert torch.equal(lam_principal, spectrum[:4])
+
+
+def test_init_source_weight_takes_svd_of_the_pretrained_weight():
+    layout = make_layout("sd1")
+    net = tlora.create_network(1.0, 4, 4, None, layout.text_encoder_arg(), layout.unet, algo="ortho", init="principal", init_source="weight")
+    for layer in net.unet_loras[:5]:
+        weight = layer.org_module.weight.detach().reshape(layer.out_features, -1)
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        assert torch.allclose(layer.factor("lambda"), s[:4], atol=1e-5)
+        rebuilt = layer.factor("up").reshape(-1, 4) @ torch.diag(layer.factor("lambda")) @ layer.factor("down").reshape(4, -1)
+        assert torch.allclose(rebuilt, (u[:, :4] * s[:4]) @ vh[:4], atol=1e-5)
+
+
+def test_trilora_starts_with_zero_lambda_and_lora_with_zero_up():
+    layout = make_layout("sd1")
+    tri = tlora.create_network(1.0, 4, 4, None, layout.text_encoder_arg(), layout.unet, algo="trilora")
+    for layer in tri.loras:
+        assert torch.count_nonzero(layer.factor("lambda")) == 0
+        assert torch.count_nonzero(layer.factor("up")) > 0 and torch.count_nonzero(layer.factor("down")) > 0
+    plain = tlora.create_network(1.0, 4, 4, None, layout.text_encoder_arg(), layout.unet, algo="lora")
+    for layer in plain.loras:
+        assert torch.count_nonzero(layer.factor("up")) == 0
+        bound = 1.0 / math.sqrt(layer.factor("down")[0].numel())  # kaiming_uniform(a=sqrt 5) as sd-scripts
+        assert layer.factor("down").abs().max() <= bound + 1e-6
