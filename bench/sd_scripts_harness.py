@@ -297,6 +297,7 @@ def make_trainer(model, full_vae, record):
             def save_weights(file, dtype, metadata):
                 if "train_end" not in record:
                     record["train_end"] = time.perf_counter()
+                    record["train_end_cpu"] = time.process_time()
                 try:
                     record["trainable_params"] = int(sum(p.numel() for p in network.get_trainable_params()))
                 except Exception as e:  # pragma: no cover - informative only
@@ -309,6 +310,8 @@ def make_trainer(model, full_vae, record):
         def on_step_start(self, args, accelerator, network, text_encoders, unet, batch, weight_dtype, is_train=True):
             if is_train:
                 record.setdefault("step_starts", []).append(time.perf_counter())
+                record.setdefault("step_starts_cpu", []).append(time.process_time())
+                record.setdefault("loadavg", []).append(round(os.getloadavg()[0], 2))
             return super().on_step_start(args, accelerator, network, text_encoders, unet, batch, weight_dtype, is_train)
 
     return RandomWeightTrainer()
@@ -526,6 +529,15 @@ def main(argv=None):
             result["setup_seconds"] = round(starts[0] - t0, 2)
             later = steps[1:] if len(steps) > 1 else steps
             result["mean_step_seconds_excl_first"] = round(sum(later) / len(later), 3) if later else None
+            result["median_step_seconds"] = round(sorted(later)[len(later) // 2], 3) if later else None
+            # process CPU time per step (all threads): less sensitive to other jobs on the machine than wall time
+            cs = record.get("step_starts_cpu", [])
+            cends = cs[1:] + ([record["train_end_cpu"]] if "train_end_cpu" in record else [])
+            csteps = [round(b - a, 3) for a, b in zip(cs, cends)]
+            result["step_cpu_seconds"] = csteps
+            clater = csteps[1:] if len(csteps) > 1 else csteps
+            result["mean_step_cpu_seconds_excl_first"] = round(sum(clater) / len(clater), 3) if clater else None
+            result["loadavg_at_step_start"] = record.get("loadavg")
         result["network_class"] = record.get("network_class")
         result["trainable_params"] = record.get("trainable_params")
         final = os.path.join(out_dir, h.output_name + ".safetensors")
@@ -557,7 +569,9 @@ def main(argv=None):
         with open(h.json_out, "w") as f:
             f.write(js)
     short = {k: result.get(k) for k in ("status", "model", "network_module", "network_args", "gradient_checkpointing",
-                                        "unet_only", "step_seconds", "mean_step_seconds_excl_first", "trainable_params")}
+                                        "unet_only", "step_seconds", "mean_step_seconds_excl_first", "median_step_seconds",
+                                        "step_cpu_seconds", "mean_step_cpu_seconds_excl_first", "loadavg_at_step_start",
+                                        "trainable_params")}
     short["saved_file"] = (result.get("saved_file") or {}).get("file")
     if h.gen_img:
         short["gen_img_images"] = result.get("gen_img_images")
