@@ -1,0 +1,138 @@
+"""The U-Net forward pre-hook: timesteps in every form the hosts pass them, per-sample masks,
+classifier-free-guidance broadcasting, and all ranks when there is no timestep."""
+
+import pytest
+import torch
+
+import networks.tlora as tlora
+from networks.tlora_network import extract_timesteps
+from netutil import inputs, make_layout
+
+
+def formula_mask(t, rank, min_rank):
+    import math
+
+    count = math.floor(((1000 - t) / 1000) * (rank - min_rank)) + min_rank
+    return [1.0] * count + [0.0] * (rank - count)
+
+
+def spy(layer, seen):
+    original = layer.rank_weights
+
+    def recording(batch_size, device, dtype):
+        mask = original(batch_size, device, dtype)
+        seen.append(None if mask is None else mask.clone())
+        return mask
+
+    layer.rank_weights = recording
+
+
+@pytest.fixture()
+def sd1_network():
+    layout = make_layout("sd1")
+    network = tlora.create_network(1.0, 8, 8, None, layout.text_encoder_arg(), layout.unet, algo="tlora", min_rank="2")
+    network.apply_to(layout.text_encoder_arg(), layout.unet)
+    return layout, network
+
+
+def test_extract_timesteps_every_form():
+    x = torch.zeros(2)
+    assert extract_timesteps((x, torch.tensor([5, 7])), {}).tolist() == [5, 7]
+    assert extract_timesteps((x, torch.tensor(5)), {}).tolist() == [5]
+    assert extract_timesteps((x, 5), {}).tolist() == [5.0]
+    assert extract_timesteps((x, 999.5), {}).tolist() == [999.5]
+    assert extract_timesteps((x,), {"timestep": torch.tensor([3])}).tolist() == [3]
+    assert extract_timesteps((x,), {"timesteps": torch.tensor([4, 4])}).tolist() == [4, 4]  # sd-scripts SDXL / FLUX keyword
+    assert extract_timesteps((x,), {}) is None
+
+
+def test_per_sample_masks_follow_each_timestep(sd1_network):
+    layout, network = sd1_network
+    layer = network.unet_loras[0]
+    seen = []
+    spy(layer, seen)
+    x, ids = inputs(batch=3)
+    t = torch.tensor([999, 500, 0])
+    with torch.no_grad():
+        layout.call(x, t, layout.encode(ids))
+    mask = seen[0]
+    assert mask.shape == (3, 8)
+    assert [row for row in mask.tolist()] == [formula_mask(int(v), 8, 2) for v in t]
+    assert not torch.equal(mask[0], mask[2])
+
+
+def test_scalar_timestep_and_classifier_free_guidance_broadcast(sd1_network):
+    layout, network = sd1_network
+    layer = next(l for l in network.unet_loras if not l.is_conv)
+    seen = []
+    spy(layer, seen)
+    x, ids = inputs(batch=4)
+    with torch.no_grad():
+        context = layout.encode(ids)
+        layout.unet(x, 250, context)  # a Python number, as sampling passes it
+        # a host that stacks [uncond; cond] (batch 4) but passes the 2 timesteps of one half
+        network.timestep_state.set(torch.tensor([900, 100]))
+        layer(torch.randn(4, 5, layer.in_features))
+        network.timestep_state.set(None)
+    assert seen[0].tolist() == [formula_mask(250, 8, 2)]
+    assert seen[1].tolist() == [formula_mask(900, 8, 2), formula_mask(100, 8, 2)] * 2
+
+
+def test_batch_not_multiple_of_timesteps_is_a_clear_error(sd1_network):
+    layout, network = sd1_network
+    x, ids = inputs(batch=3)
+    with pytest.raises(ValueError, match="not a multiple"):
+        with torch.no_grad():
+            network.timestep_state.set(torch.tensor([1, 2]))
+            layer = next(l for l in network.unet_loras if not l.is_conv)
+            layer(torch.randn(3, 64, layer.in_features))
+
+
+def test_no_timestep_means_all_ranks(sd1_network):
+    layout, network = sd1_network
+    layer = network.unet_loras[1]
+    seen = []
+    spy(layer, seen)
+    features = torch.randn(2, 5, layer.in_features)
+    with torch.no_grad():
+        layer(features)  # a bare call before any U-Net forward
+        x, ids = inputs()
+        layout.call(x, torch.tensor([999, 999]), layout.encode(ids))
+        layer(features)  # after the U-Net forward the timesteps are cleared again
+    assert seen[0] is None and seen[1] is not None and seen[2] is None
+    assert network.timestep_state.timesteps is None
+    for te_layer in network.text_encoder_loras:
+        assert te_layer.timestep_state is None  # text encoders see no timestep and are never masked
+
+
+def test_generation_script_wrapper_without_module_base(tmp_path):
+    """sd-scripts' gen_img wraps the U-Net in a non-Module object with `.delegate`: the hook goes
+    on the delegate and fires at every denoising step."""
+    layout = make_layout("sd1")
+    network = tlora.create_network(1.0, 8, 8, None, layout.text_encoder_arg(), layout.unet, algo="tlora", min_rank="2")
+    network.save_weights(str(tmp_path / "n.safetensors"), None, {})
+
+    class Wrapper:
+        def __init__(self, delegate):
+            self.delegate = delegate
+
+        def __getattr__(self, name):
+            return getattr(self.delegate, name)
+
+        def __call__(self, *args, **kwargs):
+            return self.delegate(*args, **kwargs)
+
+    fresh = make_layout("sd1")
+    wrapper = Wrapper(fresh.unet)
+    loaded, weights = tlora.create_network_from_weights(1.0, str(tmp_path / "n.safetensors"), None, fresh.text_encoders, wrapper, for_inference=True)
+    loaded.apply_to(fresh.text_encoders, wrapper)  # two arguments, as gen_img.py calls it
+    info = loaded.load_state_dict(weights, False)
+    assert not info.unexpected_keys and not info.missing_keys
+    seen = []
+    spy(loaded.unet_loras[0], seen)
+    x, ids = inputs()
+    with torch.no_grad():
+        context = fresh.encode(ids)
+        for t in (999, 500, 1):
+            wrapper(x, t, context)
+    assert [m.tolist() for m in seen] == [[formula_mask(t, 8, 2)] for t in (999, 500, 1)]
