@@ -468,7 +468,9 @@ def _byte_level_tokenizer():
 
 
 def build_random_model(name: str, seed: int):
-    """Small random-weight models with the SD 1.x / SDXL module layouts (diffusers classes)."""
+    """Small random-weight models with the SD 1.x / SDXL module layouts (diffusers classes).
+
+    Attention sits at the 64-channel level only, so every layer allows rank 64 (the presets' rank)."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -505,7 +507,7 @@ def build_random_model(name: str, seed: int):
         text_encoders = [clip(64)]
         unet = UNet2DConditionModel(
             sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8,
         )
         tokenizers = [tokenizer]
@@ -1118,6 +1120,7 @@ def train(args, resolution, info, samples, prompts, resume_dir) -> TrainResult:
     save_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}.get(args.save_precision)
     sample_dir = os.path.join(args.output_dir, "sample")
     written_samples: List[str] = []
+    saved_states: List[str] = []
 
     def save_state(step):
         """Weights file plus a resumable state folder, each appearing atomically."""
@@ -1228,7 +1231,7 @@ def train(args, resolution, info, samples, prompts, resume_dir) -> TrainResult:
             finite = accelerator.reduce(finite, reduction="sum") / world  # every rank stops together
         if finite.item() < 1:
             raise NonFiniteLoss(
-                f"the loss became {loss.item()} at step {step + 1}; training stopped and the weights of this step were not "
+                f"the loss is not finite (NaN/inf: {loss.item()}) at step {step + 1}; training stopped and the weights of this step were not "
                 f"applied or saved. The last good checkpoint is "
                 f"{last_state or 'none (no --save_every_n_steps checkpoint was written yet)'}. Lower the learning rate, "
                 f"use bf16 instead of fp16, or check the data; resume with --resume latest"
@@ -1250,6 +1253,7 @@ def train(args, resolution, info, samples, prompts, resume_dir) -> TrainResult:
             writer.add_scalar("lr/unet", lr_scheduler.get_last_lr()[-1], step)
         if args.save_every_n_steps and step % args.save_every_n_steps == 0 and step < total:
             last_state = save_state(step)
+            saved_states.append(last_state)
         if args.sample_every_n_steps and step % args.sample_every_n_steps == 0:
             sample_images(step)
         after_step_hook(step)
@@ -1285,7 +1289,7 @@ def train(args, resolution, info, samples, prompts, resume_dir) -> TrainResult:
         lines.append(f"  resolved config: {config_path}")
         if written_samples:
             lines.append(f"  sample grids: {sample_dir} (last: {os.path.basename(written_samples[-1])})")
-        if args.save_every_n_steps:
+        if saved_states:
             lines.append(f"  checkpoints: {args.output_dir}/{args.output_name}-stepNNNNNNNN.safetensors (+ the newest -state folder)")
         if args.logging_dir and writer is not None:
             lines.append(f"  TensorBoard logs: {args.logging_dir}")
