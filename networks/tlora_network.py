@@ -374,7 +374,9 @@ class TLoRANetwork(torch.nn.Module):
             if net is not None:
                 net.add_orthogonality_gradient(optimizer)
 
-        self._ortho_hook = torch.optim.optimizer.register_optimizer_step_pre_hook(hook)
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        self._ortho_hook = register_optimizer_step_pre_hook(hook)
 
     @torch.no_grad()
     def add_orthogonality_gradient(self, optimizer=None) -> None:
