@@ -1,0 +1,321 @@
+"""train_tlora.py on CPU with the tiny random models: the demo end to end, interrupted + resumed
+runs, DDP on two gloo processes, bad input, NaN loss. In-process runs where possible (fast);
+subprocesses where the command line itself is what is tested."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_tlora
+from networks.tlora_format import read_safetensors
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE_DIR = os.path.join(ROOT, "examples", "sks_toy")
+DEMO = os.path.join(ROOT, "presets", "demo.toml")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; each in-process run starts from scratch."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+
+
+def small_run_args(output_dir, *extra):
+    """The demo preset, shortened: a few steps, no samples unless asked."""
+    return [
+        "--config_file", DEMO, "--output_dir", str(output_dir), "--max_train_steps", "6",
+        "--save_every_n_steps", "1000", "--sample_every_n_steps", "1000", *extra,
+    ]
+
+
+def load_back(path, family="sd1"):
+    import networks.tlora as tlora
+
+    tokenizers, text_encoders, vae, unet, scheduler = train_tlora.build_random_model(f"{family}-tiny", 0)
+    network, weights = tlora.create_network_from_weights(1.0, path, None, text_encoders, unet)
+    return network, weights
+
+
+def tensors_equal(a, b):
+    assert set(a) == set(b)
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def test_demo_command_end_to_end(tmp_path):
+    """The README's first command, unchanged except for the output folder, run from another
+    working directory (the preset's relative paths resolve beside train_tlora.py)."""
+    out = tmp_path / "out"
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train_tlora.py"), "--config_file", DEMO, "--output_dir", str(out)],
+        cwd=cwd, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    native = out / "demo-tlora.safetensors"
+    config = out / "demo-tlora.toml"
+    assert f"network (networks.tlora, timestep-aware): {native}" in proc.stdout
+    assert str(config) in proc.stdout
+    assert "RANDOM weights" in proc.stdout
+    assert "300/300" in proc.stderr  # the tqdm bar reached the end
+    assert re.search(r"it/s|s/it", proc.stderr) and "loss=" in proc.stderr
+
+    network, weights = load_back(str(native))
+    assert network.config.algo == "tlora" and network.config.rank == 8 and network.config.min_rank == 4
+    assert len(network.unet_loras) > 0 and not network.text_encoder_loras
+    # trained: λ moved away from its frozen copy λ0 in at least one layer
+    assert any(not torch.equal(layer.factor("lambda"), layer.factor("lambda_base")) for layer in network.unet_loras)
+    # checkpoints every 100 steps, the newest resumable state only, and the sample grids
+    assert (out / "demo-tlora-step00000100.safetensors").is_file() and (out / "demo-tlora-step00000200.safetensors").is_file()
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith("-state")) == ["demo-tlora-step00000200-state"]
+    from PIL import Image
+
+    grids = sorted((out / "sample").iterdir())
+    assert [g.name for g in grids] == ["demo-tlora_00000150.png", "demo-tlora_00000300.png"]
+    with Image.open(grids[-1]) as grid:
+        assert grid.size == (4 * 64, 64)  # four prompts of 64 px in one row
+    # the resolved config is itself a valid config: parsing it gives the same settings
+    args = train_tlora.parse_args(["--config_file", str(config)])
+    assert args.network_args == ["algo=tlora", "min_rank=4", "targets=attention"] and args.max_train_steps == 300
+    # no temporary files left behind
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
+    """Stop a run hard after step 5 (a checkpoint was written at step 4), resume from it, and
+    compare with a run that never stopped: bit-identical weights. Dropout and rank dropout are
+    on, so the global RNG state matters too; samples are drawn at step 3 (their RNG use must
+    not leak into training)."""
+    extra = ["--max_train_steps", "8", "--save_every_n_steps", "2", "--sample_every_n_steps", "3",
+             "--network_dropout", "0.1",
+             "--network_args", "algo=tlora", "min_rank=4", "targets=attention", "rank_dropout=0.2",
+             "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--train_batch_size", "2"]
+    straight = tmp_path / "straight"
+    result = train_tlora.run(small_run_args(straight, *extra))
+    assert result.step == 8
+
+    class Interrupt(Exception):
+        pass
+
+    def crash(step):
+        if step == 5:
+            raise Interrupt
+
+    interrupted = tmp_path / "interrupted"
+    monkeypatch.setattr(train_tlora, "after_step_hook", crash)
+    with pytest.raises(Interrupt):
+        train_tlora.run(small_run_args(interrupted, *extra))
+    monkeypatch.undo()
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    assert not (interrupted / "demo-tlora.safetensors").exists()
+    assert (interrupted / "demo-tlora-step00000004-state").is_dir()
+    assert not (interrupted / "demo-tlora-step00000002-state").exists()  # only the newest state is kept
+
+    resumed = train_tlora.run(small_run_args(interrupted, *extra, "--resume", "latest"))
+    assert resumed.step == 8
+    a, _ = read_safetensors(str(straight / "demo-tlora.safetensors"))
+    b, _ = read_safetensors(str(interrupted / "demo-tlora.safetensors"))
+    assert tensors_equal(a, b)
+    # and training did move the weights between the checkpoint and the end
+    c, _ = read_safetensors(str(interrupted / "demo-tlora-step00000004.safetensors"))
+    assert not tensors_equal(b, c)
+
+
+def test_resume_rejects_a_folder_that_is_not_a_state(tmp_path, capsys):
+    code = train_tlora.main(small_run_args(tmp_path / "out", "--resume", str(tmp_path)))
+    assert code == train_tlora.EXIT_BAD_INPUT
+    assert "not a train_tlora state folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+def test_two_process_ddp_gives_identical_weights_on_both_ranks(tmp_path):
+    """accelerate launch with two gloo processes on CPU. The trainer gathers every rank's weight
+    digest and refuses to finish if they differ; the ranks drew different noise (their first
+    losses differ), so equal weights need the gradient all-reduce."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+           os.path.join(ROOT, "train_tlora.py"), *small_run_args(out, "--max_train_steps", "4")]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    match = re.search(r"DDP check: 2 ranks hold identical weights \(sha256 ([0-9a-f]{64})\); first losses per rank \[([^\]]*)\]", proc.stdout)
+    assert match, proc.stdout[-2000:]
+    losses = [float(x) for x in match.group(2).split(",")]
+    assert len(losses) == 2 and losses[0] != losses[1]
+    assert "2 process(es) x batch 1" in proc.stdout
+    network, _ = load_back(str(out / "demo-tlora.safetensors"))
+    assert train_tlora.weights_digest(network) == match.group(1)
+
+
+# ----------------------------------------------------------------------------- NaN
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    real = train_tlora.compute_loss
+
+    def loss_turning_nan(prediction, target):
+        calls["n"] += 1
+        loss = real(prediction, target)
+        return loss * float("nan") if calls["n"] == 6 else loss
+
+    monkeypatch.setattr(train_tlora, "compute_loss", loss_turning_nan)
+    out = tmp_path / "out"
+    code = train_tlora.main(small_run_args(out, "--max_train_steps", "10", "--save_every_n_steps", "2"))
+    err = capsys.readouterr().err
+    assert code == train_tlora.EXIT_NAN
+    state = out / "demo-tlora-step00000004-state"
+    assert "not finite (NaN/inf" in err and "at step 6" in err and str(state) in err
+    assert not (out / "demo-tlora.safetensors").exists()  # no final file from a broken run
+    assert not (out / "demo-tlora-step00000006.safetensors").exists()
+    good, _ = read_safetensors(str(state / "network.safetensors"))
+    assert all(torch.isfinite(v).all() for v in good.values())
+    step4, _ = read_safetensors(str(out / "demo-tlora-step00000004.safetensors"))
+    assert tensors_equal(good, step4)
+    load_back(str(out / "demo-tlora-step00000004.safetensors"))
+    # and the run continues from there once the cause is gone
+    monkeypatch.setattr(train_tlora, "compute_loss", real)
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    result = train_tlora.run(small_run_args(out, "--max_train_steps", "10", "--save_every_n_steps", "2", "--resume", "latest"))
+    assert result.step == 10 and (out / "demo-tlora.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _no_model_load(*args, **kwargs):
+    raise AssertionError("a model was loaded before the input was checked")
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return str(path)
+
+
+def _bad_cases(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    (broken / "photo.txt").write_text("a photo")
+    typo = _write(tmp_path / "typo.toml", 'pretrained_model_name_or_path = "random:sd1-tiny"\n[network]\nnetwrk_dim = 8\n')
+    return {
+        "missing data folder": (["--train_data_dir", str(tmp_path / "nope")], "does not exist"),
+        "empty data folder": (["--train_data_dir", str(empty)], "holds no images"),
+        "unreadable image": (["--train_data_dir", str(broken)], "cannot be read"),
+        "resolution not a multiple of 8": (["--resolution", "500"], "resolution 500 is not a multiple of 8 (the VAE downsamples by 8); use 496 or 504"),
+        "unknown config key": (["--config_file", typo], "unknown config key(s) 'netwrk_dim' (did you mean 'network_dim'?)"),
+        "SDXL preset with an SD 1.5 model": (
+            ["--config_file", os.path.join(ROOT, "presets", "tlora-object-sdxl.toml"), "--pretrained_model_name_or_path", "random:sd1-tiny",
+             "--train_data_dir", EXAMPLE_DIR, "--resolution", "64"],
+            "is for SDXL",
+        ),
+        "unknown network_args key": (["--network_args", "algo=tlora", "minrank=4"], "unknown key(s) minrank"),
+        "missing optimizer package": (["--optimizer_type", "AdamW8bit"], "pip install bitsandbytes"),
+        "missing base model": (["--pretrained_model_name_or_path", str(tmp_path / "no-model")], "never downloads"),
+        "image without caption": (["--train_data_dir", _png(tmp_path / "nocap" / "a.png"), "--caption_extension", ".caption"], "has no caption"),
+    }
+
+
+def _png(path):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 32), "red").save(path)
+    return str(path)
+
+
+BAD_CASES = ["missing data folder", "empty data folder", "unreadable image", "resolution not a multiple of 8", "unknown config key",
+             "SDXL preset with an SD 1.5 model", "unknown network_args key", "missing optimizer package", "missing base model",
+             "image without caption"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_is_refused_before_any_model_loads_and_nothing_is_written(case, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    if case == "missing optimizer package" and importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here")
+    argv, message = _bad_cases(tmp_path)[case]
+    monkeypatch.setattr(train_tlora, "load_base_model", _no_model_load)
+    monkeypatch.setattr(train_tlora, "build_random_model", _no_model_load)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    out = tmp_path / "out"
+    base = ["--config_file", DEMO] if "--config_file" not in argv else []
+    code = train_tlora.main(base + ["--output_dir", str(out)] + argv)
+    err = capsys.readouterr().err
+    assert code == train_tlora.EXIT_BAD_INPUT, err
+    assert message in err, err
+    assert err.startswith("train_tlora.py: error: ")
+    assert not out.exists()
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+
+
+def test_command_line_overrides_the_config_file_and_wrong_types_are_refused(tmp_path):
+    args = train_tlora.parse_args(["--config_file", DEMO, "--network_dim", "16", "--learning_rate", "5e-4"])
+    assert args.network_dim == 16 and args.learning_rate == 5e-4
+    assert args.network_alpha == 8.0 and args.max_train_steps == 300  # from the file
+    bad = _write(tmp_path / "bad.toml", '[training]\nmax_train_steps = "many"\n')
+    with pytest.raises(train_tlora.UsageError, match="max_train_steps='many' is not a valid int"):
+        train_tlora.parse_args(["--config_file", bad])
+
+
+def test_data_layouts_single_image_folder_and_repeat_folders(tmp_path):
+    single = train_tlora.collect_samples(os.path.join(EXAMPLE_DIR, "toy.png"), ".txt", None)
+    assert [(os.path.basename(s.path), s.caption, s.repeats) for s in single] == [("toy.png", "a photo of sks toy robot", 1)]
+    root = tmp_path / "data"
+    _png(root / "plain.png")
+    _png(root / "10_sks dog" / "a.png")
+    _png(root / "3_ohwx_cat" / "b.png")
+    (root / "3_ohwx_cat" / "b.txt").write_text("ohwx cat on a sofa")
+    (root / "notes").mkdir()
+    samples = train_tlora.collect_samples(str(root), ".txt", "a photo")
+    got = sorted((os.path.basename(s.path), s.caption, s.repeats) for s in samples)
+    assert got == [("a.png", "a photo", 10), ("b.png", "ohwx cat on a sofa", 3), ("plain.png", "a photo", 1)]
+    # without --instance_prompt, a repeat folder's class tokens caption its uncaptioned images
+    os.remove(root / "plain.png")
+    samples = train_tlora.collect_samples(str(root), ".txt", None)
+    got = sorted((os.path.basename(s.path), s.caption, s.repeats) for s in samples)
+    assert got == [("a.png", "sks dog", 10), ("b.png", "ohwx cat on a sofa", 3)]
+
+
+def test_data_order_is_a_function_of_position_and_covers_each_epoch():
+    order = [train_tlora.sample_index(p, 5, seed=3) for p in range(10)]
+    assert sorted(order[:5]) == list(range(5)) and sorted(order[5:]) == list(range(5))
+    assert order == [train_tlora.sample_index(p, 5, seed=3) for p in range(10)]
+    assert order != [train_tlora.sample_index(p, 5, seed=4) for p in range(10)]
+
+
+def test_prompt_file_options_are_read_like_sd_scripts(tmp_path):
+    path = _write(tmp_path / "p.txt", "# comment\n\na cat --n blurry, ugly --w 128 --h 64 --s 12 --l 5.5 --d 7\nplain prompt\n")
+    first, second = train_tlora.read_prompts(path)
+    assert (first.prompt, first.negative, first.width, first.height, first.steps, first.scale, first.seed) == (
+        "a cat", "blurry, ugly", 128, 64, 12, 5.5, 7)
+    assert second.prompt == "plain prompt" and second.seed is None
