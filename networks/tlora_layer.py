@@ -173,6 +173,13 @@ class _Factor(torch.nn.Module):
             self.register_buffer("weight", tensor)
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no device argument
+        return torch.is_autocast_enabled() or (device_type == "cpu" and torch.is_autocast_cpu_enabled())
+
+
 def _is_conv(module) -> bool:
     return module.__class__.__name__ == "Conv2d"
 
@@ -409,8 +416,8 @@ class FactorisedAdapter(torch.nn.Module):
             return org_out
         weight_dtype = self.factor("down").dtype
         lx = x
-        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
-            lx = x.to(weight_dtype)
+        if x.dtype != weight_dtype and not _autocast_enabled(x.device.type):
+            lx = x.to(weight_dtype)  # e.g. a fp16 model with a fp32 network and no autocast
         change = self.delta(lx)
         return org_out + (change * (self.multiplier * self.scale)).to(org_out.dtype)
 
