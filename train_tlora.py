@@ -885,8 +885,10 @@ def write_text_atomic(path: str, text: str) -> None:
         raise
 
 
-def convert_outputs(native_path: str, args) -> List[str]:
-    """Standard LoRA files through `converters` (all ranks, i.e. the time-independent full mask)."""
+def convert_outputs(native_path: str, args, family: str, unet) -> List[str]:
+    """Standard LoRA files through `converters`, with every rank active (the time-independent
+    "full" mask: what any loader that knows no timesteps applies). Other masks and ranks:
+    `python -m converters to-kohya --help`."""
     targets = [t for t, wanted in (("kohya", args.save_kohya), ("diffusers", args.save_diffusers)) if wanted]
     if not targets:
         return []
@@ -896,11 +898,14 @@ def convert_outputs(native_path: str, args) -> List[str]:
         logger.warning("converted outputs skipped: the converters package is not available (%s); "
                        "convert later with `python -m converters to-kohya %s`", e, native_path)
         return []
+    layers_per_block = getattr(unet.config, "layers_per_block", 2)
     written = []
     for target in targets:
         out = native_path[: -len(".safetensors")] + f"-{target}.safetensors"
-        report = convert_file(native_path, out, target=target)
-        logger.info("%s", report.text() if hasattr(report, "text") else report)
+        report = convert_file(native_path, out, target=target, mask="full", base=family,
+                              layers_per_block=layers_per_block if isinstance(layers_per_block, int) else 2,
+                              instance_prompt=args.instance_prompt)
+        logger.info("converted to %s: %s", target, report.text() if hasattr(report, "text") else report)
         written.append(out)
     return written
 
@@ -1273,7 +1278,7 @@ def train(args, resolution, info, samples, prompts, resume_dir) -> TrainResult:
         network.save_weights(native, save_dtype, metadata_for(step))
         outputs.append(native)
         try:
-            outputs += convert_outputs(native, args)
+            outputs += convert_outputs(native, args, family, unet)
         except Exception as e:  # noqa: BLE001 - the native file is written; report and go on
             logger.error("conversion failed (%s); the native file %s is complete", e, native)
         config_path = os.path.join(args.output_dir, f"{args.output_name}.toml")

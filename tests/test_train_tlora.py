@@ -319,3 +319,83 @@ def test_prompt_file_options_are_read_like_sd_scripts(tmp_path):
     assert (first.prompt, first.negative, first.width, first.height, first.steps, first.scale, first.seed) == (
         "a cat", "blurry, ugly", 128, 64, 12, 5.5, 7)
     assert second.prompt == "plain prompt" and second.seed is None
+
+
+# ----------------------------------------------------------------------------- outputs and options
+
+
+def test_converted_kohya_and_diffusers_outputs_and_tensorboard(tmp_path):
+    pytest.importorskip("converters")
+    out = tmp_path / "out"
+    logs = tmp_path / "logs"
+    result = train_tlora.run(small_run_args(out, "--max_train_steps", "20", "--save_kohya", "--save_diffusers", "--logging_dir", str(logs)))
+    native, meta = read_safetensors(str(out / "demo-tlora.safetensors"))
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_network_module"] == "networks.tlora"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora" and meta["ss_steps"] == "20"
+    layers = {k.split(".")[0] for k in native}
+    kohya, _ = read_safetensors(str(out / "demo-tlora-kohya.safetensors"))
+    assert {k.split(".", 1)[1] for k in kohya} == {"lora_down.weight", "lora_up.weight", "alpha"}
+    assert {k.split(".")[0] for k in kohya} == layers
+    diffusers_file, _ = read_safetensors(str(out / "demo-tlora-diffusers.safetensors"))
+    assert diffusers_file and all(".lora_A." in k or ".lora_B." in k for k in diffusers_file)
+    assert set(result.outputs) >= {str(out / "demo-tlora-kohya.safetensors"), str(out / "demo-tlora-diffusers.safetensors")}
+    if importlib_util_find("tensorboard"):
+        events = list(logs.rglob("events.out.tfevents.*"))
+        assert events and events[0].stat().st_size > 0
+
+
+def importlib_util_find(name):
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def test_without_converters_the_run_finishes_with_a_message(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "converters", None)  # import converters -> ImportError
+    out = tmp_path / "out"
+    train_tlora.run(small_run_args(out, "--max_train_steps", "2", "--save_kohya"))
+    assert (out / "demo-tlora.safetensors").is_file() and not (out / "demo-tlora-kohya.safetensors").exists()
+    assert "converters package is not available" in caplog.text
+
+
+def test_gradient_checkpointing_gives_the_same_weights(tmp_path, monkeypatch):
+    """Recomputation in backward must see the mask of the forward being differentiated (a
+    batch of 2 has two different timesteps, so two different masks)."""
+    plain = train_tlora.run(small_run_args(tmp_path / "a", "--max_train_steps", "3", "--train_batch_size", "2"))
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    import torch.utils.checkpoint as checkpoint_module
+
+    calls = {"n": 0}
+    real_checkpoint = checkpoint_module.checkpoint
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "checkpoint", counting)
+    checkpointed = train_tlora.run(small_run_args(tmp_path / "b", "--max_train_steps", "3", "--train_batch_size", "2", "--gradient_checkpointing"))
+    assert calls["n"] > 0, "gradient checkpointing was not active"
+    a, _ = read_safetensors(plain.output)
+    b, _ = read_safetensors(checkpointed.output)
+    assert tensors_equal(a, b)
+
+
+def test_text_encoder_training_sdxl(tmp_path):
+    """Without network_train_unet_only both text encoders are adapted (lora_te1/lora_te2), with
+    their own learning rates, and the file loads back."""
+    out = tmp_path / "out"
+    config = tmp_path / "te.toml"
+    config.write_text(
+        'pretrained_model_name_or_path = "random:sdxl-tiny"\nnetwork_dim = 4\nnetwork_alpha = 4\n'
+        'network_args = ["algo=tlora", "min_rank=2"]\nlearning_rate = 1e-3\ntext_encoder_lr = [1e-4, 2e-4]\n'
+        f'train_data_dir = "{EXAMPLE_DIR}"\ncaption_extension = ".txt"\nresolution = "64"\nmax_train_steps = 2\n'
+    )
+    result = train_tlora.run(["--config_file", str(config), "--output_dir", str(out)])
+    network, weights = load_back(result.output, "sdxl")
+    prefixes = {layer.lora_name.split("_")[1] for layer in network.text_encoder_loras}
+    assert prefixes == {"te1", "te2"} and network.unet_loras
+    trained = [layer for layer in network.text_encoder_loras if not torch.equal(layer.factor("lambda"), layer.factor("lambda_base"))]
+    assert trained, "text encoder layers received no update"
