@@ -52,6 +52,10 @@ class UsageError(Exception):
     """Bad input found before any model is loaded; the message says what to fix."""
 
 
+class ModelLoadError(Exception):
+    """The base model could not be read (the message says why and what to do)."""
+
+
 class NonFiniteLoss(Exception):
     """The training loss became NaN or infinite."""
 
@@ -543,7 +547,7 @@ def load_base_model(path: str, info: ModelInfo, seed: int):
     try:
         pipe = cls.from_single_file(path, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - diffusers raises many kinds here
-        raise RuntimeError(
+        raise ModelLoadError(
             f"diffusers could not read the single-file checkpoint {path} without downloading ({type(e).__name__}: {e}). "
             f"from_single_file needs the model's config files in the Hugging Face cache; convert the checkpoint to a "
             f"diffusers folder once on a machine with access, or pass such a folder"
@@ -1327,6 +1331,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         run(argv)
     except UsageError as e:
+        print(f"train_tlora.py: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ModelLoadError as e:
         print(f"train_tlora.py: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except NonFiniteLoss as e:

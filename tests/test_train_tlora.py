@@ -399,3 +399,44 @@ def test_text_encoder_training_sdxl(tmp_path):
     assert prefixes == {"te1", "te2"} and network.unet_loras
     trained = [layer for layer in network.text_encoder_loras if not torch.equal(layer.factor("lambda"), layer.factor("lambda_base"))]
     assert trained, "text encoder layers received no update"
+
+
+def _save_diffusers_folder(path, family):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    tokenizers, text_encoders, vae, unet, scheduler = train_tlora.build_random_model(f"{family}-tiny", 0)
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1], tokenizer=tokenizers[0],
+                                         tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler)
+    else:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0], unet=unet, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(path))
+    return str(path)
+
+
+def test_local_diffusers_folder_and_family_check(tmp_path, capsys):
+    sd1 = _save_diffusers_folder(tmp_path / "sd1-model", "sd1")
+    assert train_tlora.inspect_model(sd1).family == "sd1"
+    # an SDXL preset with this SD 1.x folder is refused before loading
+    out = tmp_path / "refused"
+    code = train_tlora.main(["--config_file", os.path.join(ROOT, "presets", "trilora-style-sdxl.toml"), "--pretrained_model_name_or_path", sd1,
+                             "--train_data_dir", EXAMPLE_DIR, "--resolution", "64", "--output_dir", str(out)])
+    assert code == train_tlora.EXIT_BAD_INPUT and "is for SDXL" in capsys.readouterr().err and not out.exists()
+    # the SD 1.5 preset trains from it
+    out = tmp_path / "out"
+    result = train_tlora.run(["--config_file", os.path.join(ROOT, "presets", "trilora-style-sd15.toml"), "--pretrained_model_name_or_path", sd1,
+                              "--train_data_dir", EXAMPLE_DIR, "--resolution", "64", "--max_train_steps", "2", "--output_dir", str(out)])
+    network, _ = load_back(result.output)
+    assert network.config.algo == "trilora"
+
+
+def test_single_file_checkpoint_that_diffusers_cannot_read_offline_gives_a_message(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    fake = tmp_path / "model.safetensors"
+    save_file({"cond_stage_model.transformer.text_model.embeddings.position_ids": torch.zeros(1, 77)}, str(fake))
+    assert train_tlora.inspect_model(str(fake)).family == "sd1"
+    code = train_tlora.main(small_run_args(tmp_path / "out", "--pretrained_model_name_or_path", str(fake)))
+    err = capsys.readouterr().err
+    assert code == train_tlora.EXIT_BAD_INPUT and "without downloading" in err
