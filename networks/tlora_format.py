@@ -524,6 +524,15 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str, meta
         save_file(contiguous, tmp, metadata=dict(metadata) if metadata else None)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        # mkstemp creates 0600; give the file the mode a plain open() would (0666 & ~umask), or
+        # keep the mode of the file it replaces, so a web UI running as another user can read it
+        if os.path.exists(path):
+            mode = os.stat(path).st_mode & 0o777
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         try:

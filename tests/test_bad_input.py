@@ -188,3 +188,13 @@ def test_save_is_atomic_and_keeps_old_file_on_failure(sd1, tmp_path, monkeypatch
         network.save_weights(str(path), None, {})
     assert path.read_bytes() == original
     assert sorted(os.listdir(tmp_path)) == ["n.safetensors"]  # no temporary file left behind
+
+
+def test_saved_file_gets_the_usual_permissions(sd1, tmp_path):
+    network = tlora.create_network(1.0, 8, 8, None, sd1.text_encoder_arg(), sd1.unet, algo="lora")
+    old = os.umask(0o022)
+    try:
+        network.save_weights(str(tmp_path / "p.safetensors"), None, {})
+    finally:
+        os.umask(old)
+    assert (os.stat(tmp_path / "p.safetensors").st_mode & 0o777) == 0o644
