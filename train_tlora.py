@@ -1336,6 +1336,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ModelLoadError as e:
         print(f"train_tlora.py: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except ValueError as e:  # TLoRAFormatError and the network's own checks (e.g. a state of another network)
+        from networks.tlora_format import TLoRAFormatError
+
+        if not isinstance(e, TLoRAFormatError):
+            raise
+        print(f"train_tlora.py: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except NonFiniteLoss as e:
         print(f"train_tlora.py: stopped: {e}", file=sys.stderr)
         return EXIT_NAN

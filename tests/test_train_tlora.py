@@ -440,3 +440,50 @@ def test_single_file_checkpoint_that_diffusers_cannot_read_offline_gives_a_messa
     code = train_tlora.main(small_run_args(tmp_path / "out", "--pretrained_model_name_or_path", str(fake)))
     err = capsys.readouterr().err
     assert code == train_tlora.EXIT_BAD_INPUT and "without downloading" in err
+
+
+def test_process_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
+    """A real hard kill (SIGKILL, no cleanup) of a command-line run as soon as its first state
+    folder appears; `--resume latest` then finishes it. Same weights as a run never killed."""
+    import signal
+    import time
+
+    extra = ["--max_train_steps", "30", "--save_every_n_steps", "3", "--network_dropout", "0.1"]
+    killed = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_tlora.py"), *small_run_args(killed, *extra)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if any(p.name.endswith("-state") for p in killed.glob("*")) if killed.exists() else False:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (killed / "demo-tlora.safetensors").exists()
+    resumed = train_tlora.run(small_run_args(killed, *extra, "--resume", "latest"))
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    straight = train_tlora.run(small_run_args(tmp_path / "straight", *extra))
+    a, _ = read_safetensors(resumed.output)
+    b, _ = read_safetensors(straight.output)
+    assert tensors_equal(a, b)
+
+
+def test_resuming_with_another_network_shape_is_refused(tmp_path, capsys):
+    out = tmp_path / "out"
+    train_tlora.run(small_run_args(out, "--max_train_steps", "2", "--save_every_n_steps", "1"))
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    code = train_tlora.main(small_run_args(out, "--max_train_steps", "4", "--network_dim", "16", "--resume", "latest"))
+    assert code == train_tlora.EXIT_BAD_INPUT
+    assert "has shape" in capsys.readouterr().err
