@@ -149,14 +149,23 @@ def test_resume_rejects_a_folder_that_is_not_a_state(tmp_path, capsys):
 # ----------------------------------------------------------------------------- DDP
 
 
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_process_ddp_gives_identical_weights_on_both_ranks(tmp_path):
     """accelerate launch with two gloo processes on CPU. The trainer gathers every rank's weight
     digest and refuses to finish if they differ; the ranks drew different noise (their first
     losses differ), so equal weights need the gradient all-reduce."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-           os.path.join(ROOT, "train_tlora.py"), *small_run_args(out, "--max_train_steps", "4")]
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           os.path.join(ROOT, "train_tlora.py"),
+           *small_run_args(out, "--max_train_steps", "4", "--save_every_n_steps", "2", "--network_dropout", "0.1")]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -167,6 +176,16 @@ def test_two_process_ddp_gives_identical_weights_on_both_ranks(tmp_path):
     assert "2 process(es) x batch 1" in proc.stdout
     network, _ = load_back(str(out / "demo-tlora.safetensors"))
     assert train_tlora.weights_digest(network) == match.group(1)
+
+    # resuming a two-process run from its step-2 state (each rank restores its own RNG states)
+    # ends with the same weights
+    first, _ = read_safetensors(str(out / "demo-tlora.safetensors"))
+    proc = subprocess.run(cmd + ["--resume", "latest"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "demo-tlora-step00000002-state at step 2" in proc.stdout
+    assert f"identical weights (sha256 {match.group(1)})" in proc.stdout
+    again, _ = read_safetensors(str(out / "demo-tlora.safetensors"))
+    assert tensors_equal(first, again)
 
 
 # ----------------------------------------------------------------------------- NaN
