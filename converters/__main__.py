@@ -16,8 +16,11 @@ masks (T-LoRA's rank depends on the timestep; a standard LoRA file cannot, so on
   full    every rank, as at t=0 (what a loader that ignores timesteps does with the native factors)
   mean    the average mask over t = 0..T-1 (lowest expected error of the weight change over timesteps)
   t=500   the mask of one timestep
-alpha: kohya outputs keep the source's alpha/rank ratio (new alpha = alpha/R * new rank, as sd-scripts'
-  resize_lora); diffusers outputs fold the scale into the factors (alpha = rank, scale 1).
+alpha: outputs fold the source's alpha/rank scale into the factors and write alpha = rank (scale 1), so
+  every loader applies the same change: kohya files give each U-Net module alpha = its rank, and all
+  text-encoder modules one alpha (with any remaining per-module factor in the weights); diffusers
+  files pad every module to one rank. (diffusers 0.32 ignores per-module alphas when ranks differ,
+  and lora_adapter_metadata, which it does not read; --keep-energy makes ranks differ.)
 """
 
 

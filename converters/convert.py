@@ -122,6 +122,30 @@ def _output_name(name: str, family: str, naming_mode: str, layers_per_block: int
     return naming.unet_name_from_sgm(name, layers_per_block)
 
 
+def loader_safe_alpha(converted: List[Converted]) -> List[Converted]:
+    """Choose the alphas written to a kohya file so that every loader applies the same change.
+
+    U-Net modules: alpha = rank (scale 1), the alpha/rank scale folded into the factors.
+    Text-encoder modules: one alpha for all of them (the most common output rank), the rest of
+    each module's scale folded into its factors.
+    Why: diffusers 0.32 reads kohya files with quirks. With U-Net modules of different ranks it
+    sets every U-Net module's scale to 1 (`_maybe_adjust_config`); for text encoders it applies a
+    single lora_alpha to every module (its alpha_pattern keys match no module). A file that obeys
+    both rules means the same thing to diffusers, A1111, Forge and ComfyUI."""
+    te = [c for c in converted if not c.name.startswith(naming.UNET_PREFIX)]
+    te_alpha = float(Counter(c.rank for c in te).most_common(1)[0][0]) if te else None
+    out = []
+    for c in converted:
+        alpha = float(c.rank) if c.name.startswith(naming.UNET_PREFIX) else te_alpha
+        if float(c.alpha) == alpha:
+            out.append(c)
+            continue
+        root = math.sqrt(abs(float(c.alpha) / alpha))
+        sign = 1.0 if float(c.alpha) / alpha >= 0 else -1.0
+        out.append(dataclasses.replace(c, down=c.down * root, up=c.up * (root * sign), alpha=alpha))
+    return out
+
+
 def convert_layers(loaded: LoadedLora, mask: MaskSpec, rank: Optional[int], keep_energy: Optional[float]) -> List[Converted]:
     out = []
     for layer in loaded.layers.values():
@@ -189,6 +213,8 @@ def convert_file(
     ranks: Dict[str, int] = {}
     failures = []
     pad_to = max(c.rank for c in converted) if target == "diffusers" else None
+    if target == "kohya":
+        converted = loader_safe_alpha(converted)
     known_two_te = any(n.startswith(("lora_te1_", "lora_te2_")) for n in loaded.layers)
     for conv in converted:
         layer = loaded.layers[conv.name]

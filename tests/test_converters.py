@@ -112,6 +112,15 @@ def natives(tmp_path_factory):
     return tmp_path_factory.mktemp("natives")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread (less contention); restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 _native_cache = {}
 
 
@@ -228,6 +237,77 @@ def test_sgm_naming_roundtrip_and_tables(pipes):
         assert naming.kohya_to_diffusers_key(n)[len("unet."):] in paths, n
 
 
+def _merged_output(pipe, deltas, t):
+    """U-Net output with the given weight changes added to a copy of the U-Net's weights."""
+    unet = copy.deepcopy(pipe.unet)
+    modules = dict(unet.named_modules())
+    with torch.no_grad():
+        for path, delta in deltas.items():
+            weight = modules[path].weight
+            weight += delta.reshape(weight.shape).to(weight.dtype)
+    original = pipe.unet
+    try:
+        pipe.unet = unet
+        return unet_out(pipe, t)
+    finally:
+        pipe.unet = original
+
+
+def test_dynamic_rank_files_load_in_diffusers(pipes, natives, tmp_path):
+    """Per-module ranks and alphas (--keep-energy) are read by diffusers as the file means them:
+    diffusers' output equals the file's own factors merged into the weights (formula here)."""
+    pipe = pipes["sdxl"]
+    native = native_file(pipes, natives, "sdxl", "tlora")
+    paths = {"lora_unet_" + n.replace(".", "_"): n for n, _ in pipe.unet.named_modules()}
+    for target in ("kohya", "diffusers"):
+        out = str(tmp_path / f"dyn_{target}.safetensors")
+        convert_file(native, out, target=target, mask="mean", keep_energy=0.9, naming="diffusers")
+        tensors = load_file(out)
+        deltas = {}
+        if target == "kohya":
+            names = {k.split(".")[0] for k in tensors if k.startswith("lora_unet")}
+            ranks = {tensors[f"{n}.lora_down.weight"].shape[0] for n in names}
+            for n in names:
+                deltas[paths[n]] = kohya_delta({k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".")[0] == n})
+        else:
+            mods = {k[len("unet."):-len(".lora_A.weight")] for k in tensors if k.startswith("unet.") and k.endswith("lora_A.weight")}
+            ranks = {int((tensors[f"unet.{m}.lora_A.weight"].reshape(tensors[f"unet.{m}.lora_A.weight"].shape[0], -1).abs().sum(1) > 0).sum()) for m in mods}
+            for m in mods:
+                a, b = tensors[f"unet.{m}.lora_A.weight"].double(), tensors[f"unet.{m}.lora_B.weight"].double()
+                deltas[m] = b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)
+        assert len(ranks) > 1, "the test needs modules of different ranks"
+        want = _merged_output(pipe, deltas, 400)
+        pipe.load_lora_weights(out)
+        try:
+            got = unet_out(pipe, 400)  # the U-Net only: the reference merges the U-Net's changes
+        finally:
+            pipe.unload_lora_weights()
+        if target == "kohya":  # text encoders: diffusers' output vs the file's factors merged (formula)
+            for te_prefix, te in (("lora_te1_", pipe.text_encoder), ("lora_te2_", pipe.text_encoder_2)):
+                te_paths = {te_prefix + n.replace(".", "_"): n for n, _ in te.named_modules()}
+                te_deltas = {te_paths[n]: kohya_delta({k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".")[0] == n})
+                             for n in {k.split(".")[0] for k in tensors if k.startswith(te_prefix)}}
+                te_ranks = {tensors[f"{n}.lora_down.weight"].shape[0] for n in {k.split(".")[0] for k in tensors if k.startswith(te_prefix)}}
+                ref_te = copy.deepcopy(te)
+                modules = dict(ref_te.named_modules())
+                with torch.no_grad():
+                    for path, delta in te_deltas.items():
+                        modules[path].weight += delta.reshape(modules[path].weight.shape).float()
+                    ids = torch.arange(3, 12)[None]
+                    want_te = ref_te(ids)[0]
+                pipe.load_lora_weights(out)
+                try:
+                    with torch.no_grad():
+                        got_te = te(ids)[0]
+                finally:
+                    pipe.unload_lora_weights()
+                print(f"  {te_prefix} ranks {sorted(te_ranks)}: max |diffusers - merged| = {float((got_te - want_te).abs().max()):.2e}")
+                assert float((got_te - want_te).abs().max()) < 1e-4
+        diff = float((got - want).abs().max())
+        print(f"keep-energy 0.9 {target}: ranks {sorted(ranks)}, max |diffusers - merged file factors| = {diff:.2e}")
+        assert diff <= 1e-4 * float((want - unet_out(pipe, 400)).abs().max()) + 1e-6
+
+
 # ----------------------------------------------------------------------------- weight-space accuracy
 
 
@@ -324,7 +404,8 @@ def test_dtype_and_metadata(pipes, natives, tmp_path):
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
     assert meta["ss_network_module"] == "networks.lora" and meta["modelspec.title"] == "fp16"
-    assert float(meta["ss_network_alpha"]) / int(meta["ss_network_dim"]) == pytest.approx(2.0 / 4)  # alpha/rank ratio kept
+    assert float(meta["ss_network_alpha"]) == int(meta["ss_network_dim"])  # alpha = rank: the scale is in the factors
+    assert all(float(v) == tensors[k[: -len("alpha")] + "lora_down.weight"].shape[0] for k, v in tensors.items() if k.endswith(".alpha"))
     assert "tlora_config" not in meta
     card = open(tmp_path / "README.md").read()
     assert card.startswith("---\nbase_model:") and "- t-lora" in card and 'instance_prompt: "a sks dog"' in card and "`mean`" in card
@@ -508,6 +589,7 @@ def test_bad_inputs_write_nothing(pipes, natives, tmp_path):
 
     with safe_open(native, "pt") as f:
         meta = dict(f.metadata())
+    meta_native = dict(meta)
     cfg = json.loads(meta["tlora_config"])
     cfg["algo"] = "dora_plus"
     meta["tlora_config"] = json.dumps(cfg)
@@ -531,6 +613,12 @@ def test_bad_inputs_write_nothing(pipes, natives, tmp_path):
         convert_file(native, native, target="kohya")
     with pytest.raises(ConversionError, match="mask"):
         convert_file(native, out, mask="t=1000")
+    huge = str(tmp_path / "huge.safetensors")  # factors too large for fp16: verification refuses
+    save_file({k: (v * 1e4 if not k.endswith(".alpha") else v) for k, v in load_file(native).items()}, huge, meta_native)
+    with pytest.raises(ConversionError, match="verification failed"):
+        convert_file(huge, out, dtype="fp16")
+    before.append("huge.safetensors")
+    before.sort()
     assert _listing(tmp_path) == before  # nothing written, no temporary files left
     assert open(native, "rb").read() == data
     # the command line says the same and exits with 2
@@ -540,16 +628,22 @@ def test_bad_inputs_write_nothing(pipes, natives, tmp_path):
     assert _listing(tmp_path) == before
 
 
-def test_cli_help_and_run(pipes, natives, tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def test_cli_help_and_run(pipes, natives, tmp_path, capsys):
+    from converters.__main__ import main
+
     for command in ("info", "to-kohya", "to-diffusers", "import-official", "import-lycoris"):
-        result = subprocess.run([sys.executable, "-m", "converters", command, "--help"], capture_output=True, text=True, cwd=root)
-        assert result.returncode == 0 and "example" in result.stdout, command
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert "example" in capsys.readouterr().out, command
     native = native_file(pipes, natives, "sdxl", "ortho")
+    assert main(["info", native]) == 0
+    text = capsys.readouterr().out
+    assert "algo: ortho" in text and "rank(s): 4" in text
+    # the real command line, once, in a fresh interpreter
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = str(tmp_path / "cli.safetensors")
     result = subprocess.run([sys.executable, "-m", "converters", "to-kohya", native, out, "--mask", "mean", "--rank", "4"],
                             capture_output=True, text=True, cwd=root)
     assert result.returncode == 0, result.stderr
-    assert "worst modules" in result.stdout and "MB" in result.stdout
-    result = subprocess.run([sys.executable, "-m", "converters", "info", native], capture_output=True, text=True, cwd=root)
-    assert "algo: ortho" in result.stdout and "rank(s): 4" in result.stdout
+    assert "worst modules" in result.stdout and "MB" in result.stdout and os.path.exists(out)
