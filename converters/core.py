@@ -344,7 +344,8 @@ def _scale_columns(up: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
 
 def exact_factors(layer: Layer, mask: MaskSpec) -> Converted:
     """The same change as a plain LoRA: rank R (2R for the Ortho forms), columns whose mask is 0
-    dropped. The alpha/R ratio of the source is kept: new alpha = alpha/R · new rank."""
+    dropped. Here alpha = alpha/R · new rank (same scale); the writers then fold the scale into
+    the factors (convert.loader_safe_alpha, diffusers padding)."""
     c, c0 = layer.coefficients(mask)
     m = layer.mask_vector(mask)
     keep = torch.ones(layer.rank, dtype=torch.bool) if m is None else m != 0
@@ -363,7 +364,7 @@ def exact_factors(layer: Layer, mask: MaskSpec) -> Converted:
 
 def svd_factors(layer: Layer, mask: MaskSpec, rank: Optional[int], keep_energy: Optional[float]) -> Converted:
     """Rank-k truncation of the change (k = --rank, or the smallest k keeping `keep_energy` of
-    Σσ², capped by --rank). up = U√S, down = √S Vh; alpha = alpha/R · k as resize_lora does."""
+    Σσ², capped by --rank). up = U√S, down = √S Vh; alpha = alpha/R · k (same scale)."""
     change = layer.native_delta(mask).double() / layer.scale  # SVD of the unscaled change
     out = change.shape[0]
     matrix = change.reshape(out, -1)

@@ -245,7 +245,9 @@ def import_lycoris(
         weight = weight.detach().float()
         if weight.dim() == 4 and tuple(weight.shape[2:]) != (1, 1):
             raise ConversionError(f"{name}: LyCORIS T-LoRA on a {tuple(weight.shape[2:])} convolution is not imported (1x1 and linear only)")
-        matrix = weight.reshape(weight.shape[0], -1)
+        # float64 SVD: the principal base is most of W, and the change is the small difference
+        # P·diag(λ)·Q − P0·diag(λ0)·Q0, so the base must be as exact as fp32 storage allows
+        matrix = weight.double().reshape(weight.shape[0], -1)
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         if r > s.numel():
             raise ConversionError(f"{name}: rank {r} exceeds the {s.numel()} singular values of the weight")
@@ -259,9 +261,9 @@ def import_lycoris(
         out[f"{name}.svd_down.weight"] = q.contiguous()
         out[f"{name}.svd_up.weight"] = p.contiguous()
         out[f"{name}.svd_lambda"] = lam.contiguous()
-        out[f"{name}.svd_down_base.weight"] = q0.contiguous()
-        out[f"{name}.svd_up_base.weight"] = p0.contiguous()
-        out[f"{name}.svd_lambda_base"] = lam0.contiguous()
+        out[f"{name}.svd_down_base.weight"] = q0.float().contiguous()
+        out[f"{name}.svd_up_base.weight"] = p0.float().contiguous()
+        out[f"{name}.svd_lambda_base"] = lam0.float().contiguous()
         out[f"{name}.alpha"] = torch.tensor(alpha)
         ranks.add(r)
         alphas.add(alpha)
