@@ -1177,6 +1177,7 @@ def train(args, resolution, info, samples, prompts, resume_dir) -> TrainResult:
         pipe.set_progress_bar_config(disable=True)
         images = []
         network.eval()
+        vae.to(dtype=weight_dtype)  # the pipelines decode latents in the U-Net's dtype (SDXL's upcasts an fp16 VAE itself)
         # the training RNG must not notice sampling, or a resumed run would differ
         with torch.random.fork_rng(devices=[]), torch.no_grad(), accelerator.autocast():
             for index, spec in enumerate(prompts):
@@ -1186,6 +1187,7 @@ def train(args, resolution, info, samples, prompts, resume_dir) -> TrainResult:
                               height=spec.height or height, num_inference_steps=spec.steps, guidance_scale=spec.scale,
                               generator=generator, output_type="pil")
                 images.append(result.images[0])
+        vae.to(dtype=torch.float32)
         network.train()
         os.makedirs(sample_dir, exist_ok=True)
         path = os.path.join(sample_dir, f"{args.output_name}_{step:08d}.png")

@@ -506,3 +506,17 @@ def test_resuming_with_another_network_shape_is_refused(tmp_path, capsys):
     code = train_tlora.main(small_run_args(out, "--max_train_steps", "4", "--network_dim", "16", "--resume", "latest"))
     assert code == train_tlora.EXIT_BAD_INPUT
     assert "has shape" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_training_and_sampling(precision, family, tmp_path):
+    """The frozen models run in half precision, the network stays float32, the weights stay
+    finite, and sampling (timestep-aware) decodes a grid."""
+    out = tmp_path / "out"
+    result = train_tlora.run(small_run_args(out, "--pretrained_model_name_or_path", f"random:{family}-tiny", "--metadata_tags", family,
+                                            "--mixed_precision", precision, "--max_train_steps", "3", "--sample_every_n_steps", "3"))
+    assert all(p.dtype == torch.float32 for p in result.network.parameters())
+    weights, meta = read_safetensors(result.output)
+    assert all(torch.isfinite(v).all() for v in weights.values()) and meta["ss_mixed_precision"] == precision
+    assert (out / "sample" / "demo-tlora_00000003.png").is_file()
