@@ -520,3 +520,29 @@ def test_mixed_precision_training_and_sampling(precision, family, tmp_path):
     weights, meta = read_safetensors(result.output)
     assert all(torch.isfinite(v).all() for v in weights.values()) and meta["ss_mixed_precision"] == precision
     assert (out / "sample" / "demo-tlora_00000003.png").is_file()
+
+
+def test_sample_images_are_drawn_with_the_mask_of_each_denoising_step(tmp_path, monkeypatch):
+    """Every denoising step of the sampling pipeline goes through the U-Net hook, which sets
+    that step's timestep (and so its rank mask) for the network's layers."""
+    from networks.tlora_layer import TimestepState
+
+    seen = []
+    real_set = TimestepState.set
+
+    def recording(self, timesteps):
+        if timesteps is not None:
+            seen.append(timesteps.reshape(-1).tolist())
+        return real_set(self, timesteps)
+
+    monkeypatch.setattr(TimestepState, "set", recording)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of sks toy robot --s 4 --d 1\n")
+    out = tmp_path / "out"
+    train_tlora.run(small_run_args(out, "--max_train_steps", "1", "--sample_at_first", "--sample_prompts", str(prompts),
+                                   "--sample_every_n_steps", "1000"))
+    # sample at step 0 first (4 DDIM steps of one timestep each, CFG batch), then one training step
+    ddim = [int(t[0]) for t in seen[:4]]
+    assert ddim == sorted(ddim, reverse=True) and len(set(ddim)) == 4 and ddim[0] > 500
+    assert all(len(set(t)) == 1 for t in seen[:4])
+    assert len(seen) == 5 and (out / "sample" / "demo-tlora_00000000.png").is_file()
