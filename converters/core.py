@@ -185,6 +185,9 @@ def load_lora(path: str) -> LoadedLora:
     if all(_is_diffusers_key(k) for k in tensors):
         layers = _layers_from_diffusers(tensors, metadata, path)
         return LoadedLora(path, "diffusers", "lora", None, layers, metadata, dtypes, size)
+    hint = _foreign_format_hint(tensors)
+    if hint:
+        raise ConversionError(f"{path}: {hint}")
     try:
         config = config_from_metadata(metadata, path)
         grouped = group_by_layer(tensors)
@@ -210,6 +213,15 @@ def load_lora(path: str) -> LoadedLora:
             raise ConversionError(f"{path}: {e}") from None
         layers[name] = _layer_from_tensors(name, layer_tensors, algo, config)
     return LoadedLora(path, "native" if config is not None else "kohya", algo, config, layers, metadata, dtypes, size)
+
+
+def _foreign_format_hint(tensors) -> Optional[str]:
+    keys = list(tensors)
+    if any(".processor." in k and "_lora." in k for k in keys):
+        return "this is an official T-LoRA checkpoint (attention-processor keys); bring it in with `python -m converters import-official`"
+    if any(k.endswith((".q_layer.weight", ".lambda_layer")) for k in keys):
+        return "this is a LyCORIS algo=tlora file; bring it in with `python -m converters import-lycoris --base-model DIR`"
+    return None
 
 
 def _layer_from_tensors(name, t: Mapping[str, torch.Tensor], algo: str, config: Optional[NetworkConfig]) -> Layer:

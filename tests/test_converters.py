@@ -531,6 +531,8 @@ def test_import_official(pipes, tmp_path):
         net.remove()
     assert float((got - want).abs().max()) < 1e-4 * float(want.abs().max())
     # bad: a file that is not an official checkpoint
+    with pytest.raises(ConversionError, match="import-official"):  # converting it directly says what to do
+        convert_file(src, str(tmp_path / "x.safetensors"))
     with pytest.raises(ConversionError, match="not an official T-LoRA key"):
         import_official(native_file_path_kohya(tmp_path), str(tmp_path / "x.safetensors"), rank=4)
     assert not os.path.exists(tmp_path / "x.safetensors")
@@ -576,6 +578,8 @@ def test_import_lycoris(pipes, tmp_path):
             worst = max(worst, rel(formula_delta(layers[kname], m), want))
     print(f"import-lycoris: max relative error of the rebuilt change {worst:.2e}")
     assert worst < 1e-5
+    with pytest.raises(ConversionError, match="import-lycoris"):
+        convert_file(src, str(tmp_path / "y.safetensors"))
     with pytest.raises(ConversionError, match="base model"):
         import_lycoris(src, str(tmp_path / "y.safetensors"), None)
     assert not os.path.exists(tmp_path / "y.safetensors")
