@@ -5,11 +5,9 @@ import glob
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import toml
-import torch
 
 import train_tlora
 from networks.tlora_format import parse_network_args

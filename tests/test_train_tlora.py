@@ -4,7 +4,6 @@ subprocesses where the command line itself is what is tested."""
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 
