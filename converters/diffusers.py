@@ -24,22 +24,6 @@ from .core import ConversionError, MaskSpec
 _ATTR = "_tlora_networks"
 
 
-class FixedMaskState:
-    """Stands in for networks' TimestepState on masked layers: always the same mask vector."""
-
-    def __init__(self, spec: MaskSpec, power: float, num_train_timesteps: int):
-        self.spec = spec
-        self.power = power
-        self.num_train_timesteps = num_train_timesteps
-        self.timesteps = None
-
-    def mask(self, rank, min_rank, device, dtype):
-        return self.spec.vector(rank, min_rank, self.power, self.num_train_timesteps).to(device=device, dtype=dtype)[None, :]
-
-    def set(self, timesteps):
-        pass
-
-
 def _text_encoders(pipe) -> List[torch.nn.Module]:
     encoders = []
     for attr in ("text_encoder", "text_encoder_2"):
@@ -87,11 +71,8 @@ def apply_tlora(pipe, path: str, scale: float = 1.0, mask: Optional[str] = None,
         network.apply_to(encoders, unet, apply_text_encoder=bool(encoders), apply_unet=True)
     else:
         spec = MaskSpec.parse(mask)
-        state = FixedMaskState(spec, network.config.rank_schedule_power, network.config.num_train_timesteps)
         network.apply_to(encoders, None, apply_text_encoder=bool(encoders), apply_unet=True)
-        for layer in network.unet_loras:
-            if layer.timestep_state is not None:
-                layer.timestep_state = state
+        network.set_fixed_mask(str(spec))
     networks = getattr(pipe, _ATTR, None)
     if networks is None:
         networks = []

@@ -19,7 +19,6 @@ tlora_network.py and the file format in tlora_format.py.
 """
 
 import logging
-from typing import Optional
 
 from .tlora_format import (
     ALGOS,
@@ -80,12 +79,16 @@ def _config_for_file(metadata, tensors, kwargs, source) -> NetworkConfig:
 def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd=None, for_inference=False, **kwargs):
     """Rebuild the exact network of a file (native or plain kohya) from the file alone.
 
+    `mask=full|mean|t=<int>` (e.g. gen_img.py --network_args "mask=mean") pins one
+    time-independent rank mask instead of the per-step timestep mask.
+
     Returns (network, weights_sd) as sd-scripts expects; the network already holds the weights."""
     source = file if file is not None else "weights"
     if weights_sd is None:
         weights_sd, metadata = read_safetensors(file)
     else:
         metadata = read_metadata(file) if file is not None else {}
+    mask_mode = kwargs.pop("mask", None)  # sampling option: timestep (default) | full | mean | t=<int>
     unknown = sorted(k for k in kwargs if k not in NETWORK_OPTIONS and k not in ("dropout", "rank_dropout", "module_dropout")
                      and not k.startswith("loraplus"))
     if unknown:
@@ -99,4 +102,8 @@ def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weigh
     network = TLoRANetwork(text_encoder, unet, config, training, multiplier=multiplier, layer_ranks=layer_ranks, initialise=False)
     network.check_state_dict(weights_sd, source)
     network.load_state_dict(weights_sd, strict=False)
+    try:
+        network.set_fixed_mask(mask_mode)
+    except ValueError as e:
+        raise TLoRAFormatError(f"network_args: {e}") from None
     return network, weights_sd

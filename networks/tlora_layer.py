@@ -51,6 +51,34 @@ def mean_rank_mask(rank: int, min_rank: int, power: float = 1.0, num_train_times
     return rank_mask(counts, rank, torch.float64).mean(dim=0)
 
 
+def parse_mask_mode(mode) -> Optional[str]:
+    """Normalise a fixed-mask choice: None (follow the timestep), "full", "mean" or "t=<int>"."""
+    if mode is None:
+        return None
+    text = str(mode).strip().lower().replace(" ", "")
+    if text in ("", "none", "timestep"):
+        return None
+    if text in ("full", "mean"):
+        return text
+    number = text[2:] if text.startswith("t=") else text
+    if number.isdigit():
+        return f"t={int(number)}"
+    raise ValueError(f"mask={mode!r} is unknown; accepted: timestep (default), full, mean, t=<0..999>")
+
+
+def fixed_rank_mask(mode: str, rank: int, min_rank: int, power: float = 1.0, num_train_timesteps: int = DEFAULT_NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
+    """The time-independent mask vector [R] (float64) of a fixed mode: full, mean or t=<int>."""
+    mode = parse_mask_mode(mode)
+    if mode is None or mode == "full":
+        return torch.ones(rank, dtype=torch.float64)
+    if mode == "mean":
+        return mean_rank_mask(rank, min_rank, power, num_train_timesteps)
+    t = int(mode[2:])
+    if not 0 <= t < num_train_timesteps:
+        raise ValueError(f"mask t={t} is outside 0..{num_train_timesteps - 1}")
+    return rank_mask(active_rank_count(torch.tensor([t]), rank, min_rank, power, num_train_timesteps), rank, torch.float64)[0]
+
+
 class TimestepState:
     """The timesteps of the U-Net forward in progress, shared by the masked layers of a network.
 
@@ -64,6 +92,13 @@ class TimestepState:
         self.num_train_timesteps = num_train_timesteps
         self.timesteps: Optional[torch.Tensor] = None
         self._masks: Dict[tuple, torch.Tensor] = {}
+        self.fixed_mode: Optional[str] = None  # "full" | "mean" | "t=<int>": ignore the timesteps
+        self._fixed_masks: Dict[tuple, Optional[torch.Tensor]] = {}
+
+    def set_fixed(self, mode) -> None:
+        """Pin one time-independent mask for every call (comparisons, merged-like sampling)."""
+        self.fixed_mode = parse_mask_mode(mode)
+        self._fixed_masks = {}
 
     def set(self, timesteps: Optional[torch.Tensor]) -> None:
         self.timesteps = timesteps
@@ -76,6 +111,15 @@ class TimestepState:
         self.timesteps, self._masks = snapshot
 
     def mask(self, rank: int, min_rank: int, device, dtype) -> Optional[torch.Tensor]:
+        if self.fixed_mode is not None:
+            key = (rank, min_rank, str(device), dtype)
+            if key not in self._fixed_masks:
+                vector = None
+                if self.fixed_mode != "full":
+                    vector = fixed_rank_mask(self.fixed_mode, rank, min_rank, self.power, self.num_train_timesteps)
+                    vector = vector.to(device=device, dtype=dtype)[None, :]
+                self._fixed_masks[key] = vector
+            return self._fixed_masks[key]
         if self.timesteps is None:
             return None
         key = (rank, min_rank, str(device), dtype)

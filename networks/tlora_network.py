@@ -291,6 +291,11 @@ class TLoRANetwork(torch.nn.Module):
             self._ortho_hook.remove()
             self._ortho_hook = None
 
+    def set_fixed_mask(self, mode) -> None:
+        """None: every U-Net call uses the mask of its own timestep (T-LoRA). "full", "mean" or
+        "t=<int>": one time-independent mask for every call, e.g. to compare with a converted file."""
+        self.timestep_state.set_fixed(mode)
+
     def set_multiplier(self, multiplier):
         self.multiplier = multiplier
         for layer in self.loras:

@@ -136,3 +136,34 @@ def test_generation_script_wrapper_without_module_base(tmp_path):
         for t in (999, 500, 1):
             wrapper(x, t, context)
     assert [m.tolist() for m in seen] == [[formula_mask(t, 8, 2)] for t in (999, 500, 1)]
+
+
+def test_fixed_mask_modes_override_the_timestep(tmp_path):
+    import math
+
+    layout = make_layout("sd1")
+    network = tlora.create_network(1.0, 8, 8, None, layout.text_encoder_arg(), layout.unet, algo="tlora", min_rank="2")
+    network.save_weights(str(tmp_path / "n.safetensors"), None, {})
+    fresh = make_layout("sd1")
+    loaded, _ = tlora.create_network_from_weights(1.0, str(tmp_path / "n.safetensors"), None, fresh.text_encoders, fresh.unet, mask="mean")
+    loaded.apply_to(fresh.text_encoders, fresh.unet)
+    layer = next(l for l in loaded.unet_loras if not l.is_conv)
+    seen = []
+    spy(layer, seen)
+    x, ids = inputs()
+    with torch.no_grad():
+        context = fresh.encode(ids)
+        fresh.call(x, torch.tensor([999, 0]), context)
+        loaded.set_fixed_mask("t=250")
+        fresh.call(x, torch.tensor([999, 0]), context)
+        loaded.set_fixed_mask("full")
+        fresh.call(x, torch.tensor([999, 0]), context)
+        loaded.set_fixed_mask(None)
+        fresh.call(x, torch.tensor([999, 0]), context)
+    mean = [sum(1 for t in range(1000) if math.floor((1000 - t) / 1000 * 6) + 2 > i) / 1000 for i in range(8)]
+    assert seen[0].shape == (1, 8) and seen[0][0].tolist() == pytest.approx(mean)
+    assert seen[1].tolist() == [formula_mask(250, 8, 2)]
+    assert seen[2] is None
+    assert seen[3].tolist() == [formula_mask(999, 8, 2), formula_mask(0, 8, 2)]
+    with pytest.raises(ValueError, match="mask='sometimes' is unknown"):
+        loaded.set_fixed_mask("sometimes")
