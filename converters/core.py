@@ -146,12 +146,29 @@ class Layer:
         return c, c0
 
     def native_delta(self, mask: MaskSpec) -> torch.Tensor:
-        """The change at a fixed mask, float32, including alpha/R, computed by networks' dense_delta."""
+        """The change at a fixed mask, float64, including alpha/R, computed by networks' dense_delta.
+        float64 because the Ortho forms subtract two nearly equal products early in training."""
         c, c0 = self.coefficients(mask)
-        change = dense_delta(self.down.float(), self.up.float(), None if c is None else c.float())
+        change = dense_delta(self.down.double(), self.up.double(), c)
         if self.up0 is not None:
-            change = change - dense_delta(self.down0.float(), self.up0.float(), c0.float())
+            change = change - dense_delta(self.down0.double(), self.up0.double(), c0)
         return change * self.scale
+
+    def factor_stack(self, mask: MaskSpec) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(up [out, k], down [k, fan_in]) in float64 with up @ down = the unscaled change:
+        k = R, or 2R for the Ortho forms ([P·c, −P0·c0] and [Q; Q0]); masked-off ranks dropped."""
+        c, c0 = self.coefficients(mask)
+        m = self.mask_vector(mask)
+        keep = torch.ones(self.rank, dtype=torch.bool) if m is None else m != 0
+        if not bool(keep.any()):
+            keep[0] = True  # a rank-0 LoRA is not a file format; one zero column is exact
+        ones = torch.ones(self.rank, dtype=torch.float64)
+        ups = [_scale_columns(self.up, c if c is not None else ones).reshape(self.up.shape[0], -1)[:, keep]]
+        downs = [self.down.double().reshape(self.rank, -1)[keep]]
+        if self.up0 is not None:
+            ups.append(-_scale_columns(self.up0, c0).reshape(self.up0.shape[0], -1)[:, keep])
+            downs.append(self.down0.double().reshape(self.rank, -1)[keep])
+        return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
 
 
 @dataclasses.dataclass
@@ -354,33 +371,44 @@ def _scale_columns(up: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     return up2.reshape(up.shape)
 
 
+def factored_svd(up: torch.Tensor, down: torch.Tensor):
+    """SVD (u, s, vh) of up @ down without forming it: thin QR of both factors, then the SVD of
+    the small k x k core. O((out + in)·k²) instead of O(out·in·min(out, in)), and exact."""
+    q_up, r_up = torch.linalg.qr(up)
+    q_down, r_down = torch.linalg.qr(down.T)
+    u_core, s, vh_core = torch.linalg.svd(r_up @ r_down.T, full_matrices=False)
+    return q_up @ u_core, s, vh_core @ q_down.T
+
+
+def _shaped(layer: Layer, up: torch.Tensor, down: torch.Tensor, k: int):
+    down_shape = (k, *layer.weight_shape[1:])
+    up_shape = (layer.weight_shape[0], k, 1, 1) if len(layer.weight_shape) == 4 else (layer.weight_shape[0], k)
+    return up.reshape(up_shape), down.reshape(down_shape)
+
+
 def exact_factors(layer: Layer, mask: MaskSpec) -> Converted:
     """The same change as a plain LoRA: rank R (2R for the Ortho forms), columns whose mask is 0
     dropped. Here alpha = alpha/R · new rank (same scale); the writers then fold the scale into
-    the factors (convert.loader_safe_alpha, diffusers padding)."""
-    c, c0 = layer.coefficients(mask)
-    m = layer.mask_vector(mask)
-    keep = torch.ones(layer.rank, dtype=torch.bool) if m is None else m != 0
-    if not bool(keep.any()):
-        keep[0] = True  # a rank-0 LoRA is not a file format; one zero column is exact
-    ups = [_scale_columns(layer.up, c if c is not None else torch.ones(layer.rank, dtype=torch.float64))[:, keep]]
-    downs = [layer.down.double()[keep]]
+    the factors (convert.loader_safe_alpha, diffusers padding).
+
+    The Ortho forms are re-factorised (factored_svd) instead of written as [P·c, −P0·c0]/[Q; Q0]:
+    early in training P·c·Q and P0·c0·Q0 nearly cancel, and a loader that multiplies those
+    factors in fp16/fp32 would lose the small difference to rounding."""
+    up, down = layer.factor_stack(mask)
+    k = int(down.shape[0])
     if layer.up0 is not None:
-        ups.append(-_scale_columns(layer.up0, c0)[:, keep])
-        downs.append(layer.down0.double()[keep])
-    up = torch.cat(ups, dim=1)
-    down = torch.cat(downs, dim=0)
-    new_rank = int(down.shape[0])
-    return Converted(layer.name, down, up, layer.scale * new_rank)
+        u, s, vh = factored_svd(up, down)
+        root = s.sqrt()
+        up, down = u * root[None, :], root[:, None] * vh
+        k = int(s.numel())  # min(2R, out, in): the change has no higher rank
+    up, down = _shaped(layer, up, down, k)
+    return Converted(layer.name, down, up, layer.scale * k)
 
 
 def svd_factors(layer: Layer, mask: MaskSpec, rank: Optional[int], keep_energy: Optional[float]) -> Converted:
     """Rank-k truncation of the change (k = --rank, or the smallest k keeping `keep_energy` of
     Σσ², capped by --rank). up = U√S, down = √S Vh; alpha = alpha/R · k (same scale)."""
-    change = layer.native_delta(mask).double() / layer.scale  # SVD of the unscaled change
-    out = change.shape[0]
-    matrix = change.reshape(out, -1)
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    u, s, vh = factored_svd(*layer.factor_stack(mask))
     energy = s.pow(2)
     total = float(energy.sum())
     k = s.numel() if rank is None else min(int(rank), s.numel())
@@ -394,9 +422,8 @@ def svd_factors(layer: Layer, mask: MaskSpec, rank: Optional[int], keep_energy: 
     down = root[:, None] * vh[:k]
     discarded = float(energy[k:].sum())
     predicted = math.sqrt(discarded / total) if total > 0 else 0.0
-    down_shape = (k, *change.shape[1:])
-    up_shape = (out, k, 1, 1) if change.dim() == 4 else (out, k)
-    return Converted(layer.name, down.reshape(down_shape), up.reshape(up_shape), layer.scale * k, predicted)
+    up, down = _shaped(layer, up, down, k)
+    return Converted(layer.name, down, up, layer.scale * k, predicted)
 
 
 def relative_error(converted: torch.Tensor, reference: torch.Tensor) -> float:
