@@ -509,6 +509,13 @@ def build_metadata(config: Optional[NetworkConfig], extra: Optional[Mapping[str,
     return metadata
 
 
+def _owned(tensor: torch.Tensor) -> torch.Tensor:
+    """safetensors refuses tensors that share storage; copy a view that does not own all of its storage."""
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        return tensor.clone()
+    return tensor
+
+
 def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str, metadata: Optional[Mapping[str, str]] = None) -> None:
     """Write a safetensors file through a temporary file in the same folder and an atomic rename,
     so the destination is always either the old complete file or the new complete file."""
@@ -517,7 +524,7 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str, meta
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
-    contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    contiguous = {k: _owned(v.detach().to("cpu").contiguous()) for k, v in tensors.items()}
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     os.close(fd)
     try:

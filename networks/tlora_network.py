@@ -18,7 +18,7 @@ from .tlora_format import (
     read_safetensors,
     validate_layer_tensors,
 )
-from .tlora_layer import FactorisedAdapter, TimestepState, layer_shape
+from .tlora_layer import FactorisedAdapter, OrthoSampler, TimestepState, layer_shape
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,6 @@ class TLoRANetwork(torch.nn.Module):
         self.timestep_state = TimestepState(config.rank_schedule_power, config.num_train_timesteps)
         self._timestep_hook: Optional[TimestepHook] = None
         self._ortho_hook = None
-        self._spectrum_cache: dict = {}
 
         text_encoders = as_list(text_encoders)
         unet = as_module(unet)
@@ -212,6 +211,15 @@ class TLoRANetwork(torch.nn.Module):
         self.text_encoder_loras: List[FactorisedAdapter] = []
         self.unet_loras: List[FactorisedAdapter] = []
         opts = self.training_options
+        sampler = OrthoSampler()
+        if initialise and config.spec.init == "ortho" and config.init_source == "random" and layer_ranks is None:
+            shapes = []
+            for name, module, is_kxk, is_unet in candidates:
+                rank = config.layer_settings(is_kxk)[0]
+                if rank is not None:
+                    in_features, out_features, kernel = layer_shape(module)
+                    shapes.append((in_features * kernel[0] * kernel[1], out_features, rank))
+            sampler.prepare(shapes)  # batched draws: one QR call per shape instead of two per layer
         for name, module, is_kxk, is_unet in candidates:
             rank, alpha, min_rank = config.layer_settings(is_kxk)
             if layer_ranks is not None:
@@ -224,7 +232,6 @@ class TLoRANetwork(torch.nn.Module):
                 min_rank = min(min_rank if min_rank is not None else rank, rank)
             if rank is None:
                 continue
-            in_features, out_features, _ = layer_shape(module)
             layer = FactorisedAdapter(
                 name,
                 module,
@@ -238,7 +245,7 @@ class TLoRANetwork(torch.nn.Module):
                 module_dropout=opts.module_dropout,
                 init=config.init,
                 init_source=config.init_source,
-                spectrum_cache=self._spectrum_cache,
+                ortho_sampler=sampler,
                 initialise=initialise,
             )
             if is_unet and config.spec.masked:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import networks.tlora as tlora
-from networks.tlora_layer import gaussian_singular_values, ortho_factors_random, singular_slice
+from networks.tlora_layer import OrthoSampler, gaussian_singular_values, ortho_factors_random, singular_slice
 from netutil import ALGOS, inputs, make_layout, network_args
 
 
@@ -78,13 +78,18 @@ def test_lambda_spectrum_matches_svd_of_gaussian(rows, cols, rank):
 
 
 def test_ortho_factor_shapes_and_selection():
-    cache = {}
-    p, lam, q = ortho_factors_random(20, 12, 4, "last", cache)
+    sampler = OrthoSampler()
+    p, lam, q = ortho_factors_random(20, 12, 4, "last", sampler)
     assert p.shape == (12, 4) and q.shape == (4, 20) and lam.shape == (4,)
-    spectrum = cache[(20, 12, 4)]
+    spectrum = sampler.spectrum(12, 20) / 4  # (12, 20) and (20, 12) share one draw; std 1/R
     assert torch.equal(lam, spectrum[-4:])
-    _, lam_principal, _ = ortho_factors_random(20, 12, 4, "principal", cache)
+    _, lam_principal, _ = ortho_factors_random(20, 12, 4, "principal", sampler)
     assert torch.equal(lam_principal, spectrum[:4])
+    # batched frames are orthonormal, independent draws with their own storage
+    sampler.prepare([(20, 12, 4), (20, 12, 4)])
+    a, b = sampler.frame(20, 4), sampler.frame(20, 4)
+    assert torch.allclose(a.T @ a, torch.eye(4), atol=1e-5) and not torch.allclose(a, b)
+    assert a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
 
 
 def test_init_source_weight_takes_svd_of_the_pretrained_weight():
