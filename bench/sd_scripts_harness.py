@@ -275,6 +275,17 @@ def make_trainer(model, full_vae, record):
 
         def load_target_model(self, args, weight_dtype, accelerator):
             unet, text_encoders, vae = build_models(model, full_vae)
+            # probe only: what sd-scripts passes to the U-Net as the timestep (first calls)
+            def probe(module, pargs, pkwargs):
+                calls = record.setdefault("unet_calls", [])
+                if len(calls) < 8:
+                    import torch
+
+                    t = pkwargs.get("timesteps", pkwargs.get("timestep", pargs[1] if len(pargs) > 1 else None))
+                    desc = (list(t.shape), t.dtype.__repr__(), t.reshape(-1)[:8].tolist()) if torch.is_tensor(t) else repr(t)
+                    calls.append({"timesteps": desc, "grad_enabled": torch.is_grad_enabled()})
+
+            unet.register_forward_pre_hook(probe, with_kwargs=True)
             # what sd-scripts' own load_target_model does after loading
             train_util.replace_unet_modules(unet, args.mem_eff_attn, args.xformers, args.sdpa)
             if model == "sd1":
@@ -539,6 +550,7 @@ def main(argv=None):
             result["mean_step_cpu_seconds_excl_first"] = round(sum(clater) / len(clater), 3) if clater else None
             result["loadavg_at_step_start"] = record.get("loadavg")
         result["network_class"] = record.get("network_class")
+        result["unet_calls"] = record.get("unet_calls")
         result["trainable_params"] = record.get("trainable_params")
         final = os.path.join(out_dir, h.output_name + ".safetensors")
         if os.path.exists(final):
@@ -548,6 +560,10 @@ def main(argv=None):
         result["steps_run"] = len(starts)
 
         if h.gen_img and os.path.exists(final):
+            import gc
+
+            del trainer, args, parser  # free the training models before building a second set
+            gc.collect()
             try:
                 result.update(run_gen_img(h, work, tok_cache, final))
             except Exception:
@@ -561,6 +577,12 @@ def main(argv=None):
         if isinstance(e, KeyboardInterrupt):
             raise
     result["status"] = status
+    try:
+        import resource
+
+        result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)
+    except Exception:
+        pass
 
     js = json.dumps(result, default=str)
     with open(os.path.join(work, "result.json"), "w") as f:
@@ -571,7 +593,7 @@ def main(argv=None):
     short = {k: result.get(k) for k in ("status", "model", "network_module", "network_args", "gradient_checkpointing",
                                         "unet_only", "step_seconds", "mean_step_seconds_excl_first", "median_step_seconds",
                                         "step_cpu_seconds", "mean_step_cpu_seconds_excl_first", "loadavg_at_step_start",
-                                        "trainable_params")}
+                                        "trainable_params", "peak_rss_gb")}
     short["saved_file"] = (result.get("saved_file") or {}).get("file")
     if h.gen_img:
         short["gen_img_images"] = result.get("gen_img_images")
