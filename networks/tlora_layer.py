@@ -166,29 +166,35 @@ def haar_orthonormal(rows: int, cols: int, count: Optional[int] = None, transpos
     return frames if count is not None else frames[0]
 
 
-def gaussian_singular_values(rows: int, cols: int, std: float) -> torch.Tensor:
-    """All min(rows, cols) singular values (descending) of a rows x cols matrix with N(0, std²)
-    entries, drawn without forming that matrix.
-
-    Golub–Kahan bidiagonalisation maps a Gaussian matrix to a bidiagonal one B with independent
-    chi-distributed entries (Dumitriu & Edelman): diagonal χ_m, χ_{m-1}, …, superdiagonal
-    χ_{n-1}, …, χ_1 (n = min, m = max). Same distribution of singular values, and only an n x n
-    symmetric tridiagonal eigenproblem (BᵀB) to solve."""
+def _chi_bidiagonal(rows: int, cols: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Diagonal and superdiagonal of the chi bidiagonal matrix whose singular values are
+    distributed as those of a rows x cols standard Gaussian matrix (Dumitriu & Edelman):
+    diagonal χ_m, χ_{m-1}, …, superdiagonal χ_{n-1}, …, χ_1 (n = min, m = max)."""
     n, m = min(rows, cols), max(rows, cols)
-    diag_dof = torch.arange(m, m - n, -1, dtype=torch.float64)
-    off_dof = torch.arange(n - 1, 0, -1, dtype=torch.float64)
-    d = torch.sqrt(2.0 * torch._standard_gamma(diag_dof / 2.0))
-    e = torch.sqrt(2.0 * torch._standard_gamma(off_dof / 2.0)) if n > 1 else torch.zeros(0, dtype=torch.float64)
-    # BᵀB for upper-bidiagonal B: diagonal d_j² + e_{j-1}², off-diagonal d_j·e_j
+    d = torch.sqrt(2.0 * torch._standard_gamma(torch.arange(m, m - n, -1, dtype=torch.float64) / 2.0))
+    e = torch.sqrt(2.0 * torch._standard_gamma(torch.arange(n - 1, 0, -1, dtype=torch.float64) / 2.0)) if n > 1 else torch.zeros(0, dtype=torch.float64)
+    return d, e
+
+
+def _bidiagonal_singular_values(d: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """Singular values (descending, float64) of the upper bidiagonal matrix (d, e), from the
+    symmetric tridiagonal BᵀB: diagonal d_j² + e_{j-1}², off-diagonal d_j·e_j. No random numbers
+    are drawn here, so it may run on another thread without changing seeded results."""
     main = d.square()
     main[1:] += e.square()
     tridiagonal = torch.diag(main)
-    if n > 1:
+    if d.numel() > 1:
         off = d[:-1] * e
         tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
-    eigenvalues = torch.linalg.eigvalsh(tridiagonal).clamp(min=0)
-    values = torch.sqrt(eigenvalues).flip(0) * std
-    return values.to(torch.float32)
+    return torch.sqrt(torch.linalg.eigvalsh(tridiagonal).clamp(min=0)).flip(0)
+
+
+def gaussian_singular_values(rows: int, cols: int, std: float) -> torch.Tensor:
+    """All min(rows, cols) singular values (descending) of a rows x cols matrix with N(0, std²)
+    entries, drawn without forming that matrix: Golub–Kahan bidiagonalisation maps a Gaussian
+    matrix to a bidiagonal one with independent chi-distributed entries, with the same
+    distribution of singular values, leaving only an n x n tridiagonal eigenproblem."""
+    return (_bidiagonal_singular_values(*_chi_bidiagonal(rows, cols)) * std).to(torch.float32)
 
 
 def singular_slice(count: int, rank: int, init: str) -> slice:
@@ -226,15 +232,16 @@ class OrthoSampler:
                 counts[key] = counts.get(key, 0) + 1
         # the spectra (small LAPACK eigenproblems) are drawn on a second thread while this one
         # draws the frames (large random fills and matrix products): both cores work
-        spectrum_keys = {(min(i, o), max(i, o)) for i, o, _ in shapes} - set(self._spectra)
+        # (random draws stay on this thread, in a fixed order, so seeded runs are reproducible)
+        spectrum_keys = sorted({(min(i, o), max(i, o)) for i, o, _ in shapes} - set(self._spectra))
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            futures = {key: pool.submit(gaussian_singular_values, key[0], key[1], 1.0) for key in sorted(spectrum_keys)}
+            futures = {key: pool.submit(_bidiagonal_singular_values, *_chi_bidiagonal(*key)) for key in spectrum_keys}
             for (rows, rank, transposed), count in counts.items():
                 batch = haar_orthonormal(rows, rank, count, transposed)
                 # views of one batch; atomic_save_safetensors copies views that share storage
                 self._frames.setdefault((rows, rank, transposed), []).extend(batch.unbind(0))
             for key, future in futures.items():
-                self._spectra[key] = future.result()
+                self._spectra[key] = future.result().to(torch.float32)
 
     def frame(self, rows: int, rank: int, transposed: bool = False) -> torch.Tensor:
         pending = self._frames.get((rows, rank, transposed))

@@ -114,3 +114,19 @@ def test_trilora_starts_with_zero_lambda_and_lora_with_zero_up():
         assert torch.count_nonzero(layer.factor("up")) == 0
         bound = 1.0 / math.sqrt(layer.factor("down")[0].numel())  # kaiming_uniform(a=sqrt 5) as sd-scripts
         assert layer.factor("down").abs().max() <= bound + 1e-6
+
+
+@pytest.mark.parametrize("algo", ["tlora", "trilora", "lora"])
+def test_creation_is_reproducible_under_a_seed(algo):
+    """sd-scripts seeds before create_network; resumed runs rebuild the network: the same seed
+    must give the same factors and leave the global RNG in the same state."""
+    layout = make_layout("sgm")
+    states = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        net = tlora.create_network(1.0, 8, 8, None, layout.text_encoders, layout.unet, algo=algo, conv_dim="4")
+        states.append(({k: v.clone() for k, v in net.state_dict().items()}, torch.rand(3)))
+    (first, after_first), (second, after_second) = states
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert torch.equal(after_first, after_second)
