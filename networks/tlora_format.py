@@ -509,6 +509,24 @@ def build_metadata(config: Optional[NetworkConfig], extra: Optional[Mapping[str,
     return metadata
 
 
+def _remove_stale_temporaries(path: str, age_seconds: float = 3600.0) -> None:
+    """Temporary files of earlier saves to the same name that were killed mid-write (an hour old:
+    never one that another process may still be writing)."""
+    import time
+
+    folder, base = os.path.split(path)
+    prefix = "." + base + "."
+    now = time.time()
+    for entry in os.listdir(folder):
+        if entry.startswith(prefix) and entry.endswith(".tmp"):
+            stale = os.path.join(folder, entry)
+            try:
+                if now - os.path.getmtime(stale) > age_seconds:
+                    os.unlink(stale)
+            except OSError:
+                pass
+
+
 def _owned(tensor: torch.Tensor) -> torch.Tensor:
     """safetensors refuses tensors that share storage; copy a view that does not own all of its storage."""
     if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
@@ -547,6 +565,7 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str, meta
         except OSError:
             pass
         raise
+    _remove_stale_temporaries(path)
     try:  # make the rename itself durable
         dir_fd = os.open(folder, os.O_RDONLY)
         try:

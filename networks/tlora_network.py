@@ -470,6 +470,13 @@ class TLoRANetwork(torch.nn.Module):
                 f"{source}: {len(unexpected)} tensor(s) do not belong to this network (algo={self.config.algo}), "
                 f"e.g. {unexpected[:3]}; was it trained with another algo, model family or text encoder setting?"
             )
+        # a layer that is in the file must be there whole: loading part of it would mix trained
+        # and initial factors silently (whole layers may be absent, e.g. text encoder layers)
+        own_layers = group_by_layer({k: v for k, v in own.items()})
+        for name, layer_tensors in group_by_layer(tensors).items():
+            missing = sorted(set(own_layers[name]) - set(layer_tensors) - {"alpha"})
+            if missing:
+                raise TLoRAFormatError(f"{source}: layer {name!r} lacks {missing} (truncated or edited file?)")
         for key, value in tensors.items():
             if tuple(value.shape) != tuple(own[key].shape):
                 raise TLoRAFormatError(

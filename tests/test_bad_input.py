@@ -198,3 +198,17 @@ def test_saved_file_gets_the_usual_permissions(sd1, tmp_path):
     finally:
         os.umask(old)
     assert (os.stat(tmp_path / "p.safetensors").st_mode & 0o777) == 0o644
+
+
+def test_stale_temporaries_of_killed_saves_are_cleaned_up(sd1, tmp_path):
+    network = tlora.create_network(1.0, 8, 8, None, sd1.text_encoder_arg(), sd1.unet, algo="lora")
+    stale = tmp_path / ".n.safetensors.abc123.tmp"
+    fresh = tmp_path / ".n.safetensors.def456.tmp"  # may belong to a save still running elsewhere
+    other = tmp_path / ".other.safetensors.x.tmp"
+    for f in (stale, fresh, other):
+        f.write_bytes(b"partial")
+    old = os.path.getmtime(stale) - 7200
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    network.save_weights(str(tmp_path / "n.safetensors"), None, {})
+    assert not stale.exists() and fresh.exists() and other.exists()
