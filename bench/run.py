@@ -461,7 +461,10 @@ def write_report(args, data, command):
             "|---|---|---|---|---|---|---|",
         ]
         for size, r in data["step"].items():
+            base_min = min(r[BASELINE]["all"])
             for name, a in r.items():
+                a.setdefault("min", min(a["all"]))
+                a.setdefault("ratio_min", a["min"] / base_min)
                 target = STEP_TARGETS.get(name)
                 lines.append(
                     f"| {size} | {name} | {a['seconds']:.3f} | {fmt_ratio(a['ratio'], target)} | {a.get('min', float('nan')):.3f} | "
@@ -644,6 +647,8 @@ def merge_reports(args):
                 data["commands"].append(value)
             elif key in ("load_start", "load_end"):
                 data.setdefault(key + "s", []).append(value)
+            elif key == "creation" and isinstance(data.get(key), dict):
+                data[key].update(value)  # families from separate runs
             else:
                 data[key] = value
     data["load_start"] = " | ".join(data.pop("load_starts", []))
