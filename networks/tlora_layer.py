@@ -315,18 +315,27 @@ def _scale_rank_dim(factor: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     return factor * coef[None, :]
 
 
-def apply_up(hidden: torch.Tensor, up: torch.Tensor, coef: Optional[torch.Tensor]) -> torch.Tensor:
+def apply_up(hidden: torch.Tensor, up: torch.Tensor, coef: Optional[torch.Tensor], frozen: bool = False) -> torch.Tensor:
     """up · diag(coef) applied to the rank-space activations `hidden`.
 
-    coef is None, [R] (shared by the batch) or [B, R] (one row per sample). The per-sample case
-    folds the coefficients into a per-sample up matrix and uses one batched matmul: autograd then
-    keeps only `hidden` for backward, as plain LoRA does, instead of a second rank-sized copy."""
+    coef is None, [R] (shared by the batch) or [B, R] (one row per sample). For trainable
+    factors the per-sample case folds the coefficients into a per-sample up matrix and uses one
+    batched matmul: autograd then keeps only `hidden` (and the small per-sample matrix) for
+    backward, as plain LoRA keeps `hidden`, instead of a second rank-sized copy of it. For the
+    frozen copy (`frozen`), nothing needs a weight gradient, so scaling `hidden` is cheaper:
+    autograd then keeps only the [B, R] coefficients."""
     if coef is not None and coef.dim() == 2 and coef.shape[0] == 1:
         coef = coef[0]
     if coef is None or coef.dim() == 1:
         weight = up if coef is None else _scale_rank_dim(up, coef.to(up.dtype))
         return F.conv2d(hidden, weight) if up.dim() == 4 else F.linear(hidden, weight)
     batch = hidden.shape[0]
+    if frozen:
+        coef = coef.to(hidden.dtype)
+        if up.dim() == 4:  # 1x1 conv as a matmul: conv2d would keep its input for backward
+            scaled = (hidden * coef[:, :, None, None]).reshape(batch, hidden.shape[1], -1)
+            return torch.matmul(up.reshape(up.shape[0], up.shape[1]), scaled).reshape(batch, up.shape[0], *hidden.shape[2:])
+        return F.linear(hidden * coef.reshape(batch, *([1] * (hidden.dim() - 2)), coef.shape[-1]), up)
     per_sample = up.reshape(up.shape[0], up.shape[1])[None, :, :] * coef.to(up.dtype)[:, None, :]  # [B, out, R]
     if up.dim() == 4:  # 1x1 conv on [B, R, H, W]
         flat = hidden.reshape(batch, hidden.shape[1], -1)
@@ -521,7 +530,7 @@ class FactorisedAdapter(torch.nn.Module):
             hidden0 = self._down(x, self.factor("down_base"))
             if keep is not None:
                 hidden0 = hidden0 * keep
-            out = out - apply_up(hidden0, self.factor("up_base"), coef0)
+            out = out - apply_up(hidden0, self.factor("up_base"), coef0, frozen=True)
         return out
 
     def forward(self, x, *args, **kwargs):
