@@ -324,18 +324,19 @@ def apply_up(hidden: torch.Tensor, up: torch.Tensor, coef: Optional[torch.Tensor
     backward, as plain LoRA keeps `hidden`, instead of a second rank-sized copy of it. For the
     frozen copy (`frozen`), nothing needs a weight gradient, so scaling `hidden` is cheaper:
     autograd then keeps only the [B, R] coefficients."""
+    batch = hidden.shape[0]
+    if frozen and coef is not None:
+        # scale the activations, not the weight: a scaled weight copy would be kept for backward
+        coef = coef.to(hidden.dtype).reshape(-1, coef.shape[-1])  # [1 or B, R]
+        if up.dim() == 4:  # 1x1 conv as a matmul: conv2d would keep its input for backward
+            scaled = (hidden * coef[:, :, None, None]).reshape(batch, hidden.shape[1], -1)
+            return torch.matmul(up.reshape(up.shape[0], up.shape[1]), scaled).reshape(batch, up.shape[0], *hidden.shape[2:])
+        return F.linear(hidden * coef.reshape(coef.shape[0], *([1] * (hidden.dim() - 2)), coef.shape[-1]), up)
     if coef is not None and coef.dim() == 2 and coef.shape[0] == 1:
         coef = coef[0]
     if coef is None or coef.dim() == 1:
         weight = up if coef is None else _scale_rank_dim(up, coef.to(up.dtype))
         return F.conv2d(hidden, weight) if up.dim() == 4 else F.linear(hidden, weight)
-    batch = hidden.shape[0]
-    if frozen:
-        coef = coef.to(hidden.dtype)
-        if up.dim() == 4:  # 1x1 conv as a matmul: conv2d would keep its input for backward
-            scaled = (hidden * coef[:, :, None, None]).reshape(batch, hidden.shape[1], -1)
-            return torch.matmul(up.reshape(up.shape[0], up.shape[1]), scaled).reshape(batch, up.shape[0], *hidden.shape[2:])
-        return F.linear(hidden * coef.reshape(batch, *([1] * (hidden.dim() - 2)), coef.shape[-1]), up)
     per_sample = up.reshape(up.shape[0], up.shape[1])[None, :, :] * coef.to(up.dtype)[:, None, :]  # [B, out, R]
     if up.dim() == 4:  # 1x1 conv on [B, R, H, W]
         flat = hidden.reshape(batch, hidden.shape[1], -1)
