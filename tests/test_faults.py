@@ -404,18 +404,9 @@ def test_bad_tensors_give_clear_error(case, good_file, models, tmp_path, no_hang
         except TLoRAFormatError:
             pass
         else:
-            if case in LOAD_WEIGHTS_KNOWN_GAPS:
-                pytest.xfail(LOAD_WEIGHTS_KNOWN_GAPS[case])
             pytest.fail("load_weights accepted a broken file")
         assert same_state(snapshot, state_of(net)), "a failed load changed the network"
     assert dir_state(tmp_path) == before
-
-
-# Reported in /work/notes/networks-requests.md; the test turns green by itself once fixed.
-LOAD_WEIGHTS_KNOWN_GAPS = {
-    "missing tensor": "load_weights loads a layer with a missing factor (strict=False) and keeps the "
-    "initial value for it: a silently mixed network (create_network_from_weights refuses the same file)",
-}
 
 
 def test_file_of_another_architecture(models, tmp_path, no_hang):
