@@ -22,6 +22,7 @@ import logging
 
 from .tlora_format import (
     ALGOS,
+    METADATA_CONFIG_KEY,
     NETWORK_OPTIONS,
     NetworkConfig,
     TLoRAFormatError,
@@ -60,7 +61,7 @@ def _config_for_file(metadata, tensors, kwargs, source) -> NetworkConfig:
         if family != {"lora"}:
             if requested_algo is None:
                 raise TLoRAFormatError(
-                    f"{source}: a file with svd_* factors but no '{'tlora_config'}' metadata; pass algo=tlora|ortho|trilora "
+                    f"{source}: a file with svd_* factors but no '{METADATA_CONFIG_KEY}' metadata; pass algo=tlora|ortho|trilora "
                     f"(and min_rank=...) or import it with `python -m converters` first"
                 )
             config, _ = parse_network_args(
