@@ -454,21 +454,9 @@ def expected_families(args) -> List[str]:
 
 def _byte_level_tokenizer():
     """A CLIPTokenizer over single byte-level characters (no merges), built without downloads."""
-    from transformers import CLIPTokenizer
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+    from tlora_trainer.tokenizers import clip_tokenizer
 
-    chars = list(bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    with tempfile.TemporaryDirectory() as folder:
-        vocab_file, merges_file = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
-        with open(vocab_file, "w", encoding="utf-8") as f:
-            json.dump(vocab, f)
-        with open(merges_file, "w", encoding="utf-8") as f:
-            f.write("#version: 0.2\n")
-        return CLIPTokenizer(vocab_file, merges_file, model_max_length=77)
+    return clip_tokenizer()
 
 
 def build_random_model(name: str, seed: int):
@@ -1011,8 +999,14 @@ def train(args, resolution, info, samples, prompts, resume_dir) -> TrainResult:
 
     seed = 42 if args.seed is None else args.seed
     args.seed = seed
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=_cpu_only_launch())
     rank, world = accelerator.process_index, accelerator.num_processes
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched != world:  # every process would train alone and write the same files
+        raise UsageError(
+            f"the launcher started {launched} processes but accelerate set up {world}; on a machine without GPUs "
+            f"use `accelerate launch --multi_gpu --num_processes N` (gloo), or start one process"
+        )
     device = accelerator.device
     main_process = accelerator.is_main_process
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
@@ -1309,6 +1303,14 @@ def train(args, resolution, info, samples, prompts, resume_dir) -> TrainResult:
         accelerator.print("\n".join(lines))
     accelerator.wait_for_everyone()
     return TrainResult(native if main_process else None, step, digest, outputs, network)
+
+
+def _cpu_only_launch() -> bool:
+    """True for a multi-process launch on a machine without CUDA: newer accelerate releases (1.15 here) set up gloo
+    DDP on CPUs only when asked for the CPU; 1.6 did it by itself."""
+    import torch
+
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and not torch.cuda.is_available()
 
 
 def after_step_hook(step: int) -> None:

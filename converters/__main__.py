@@ -17,10 +17,11 @@ masks (T-LoRA's rank depends on the timestep; a standard LoRA file cannot, so on
   mean    the average mask over t = 0..T-1 (lowest expected error of the weight change over timesteps)
   t=500   the mask of one timestep
 alpha: outputs fold the source's alpha/rank scale into the factors and write alpha = rank (scale 1), so
-  every loader applies the same change: kohya files give each U-Net module alpha = its rank, and all
-  text-encoder modules one alpha (with any remaining per-module factor in the weights); diffusers
-  files pad every module to one rank. (diffusers 0.32 ignores per-module alphas when ranks differ,
-  and lora_adapter_metadata, which it does not read; --keep-energy makes ranks differ.)
+  every loader applies the same change: kohya files zero-pad every U-Net module to one rank, and give
+  all text-encoder modules one alpha (with any remaining per-module factor in the weights); diffusers
+  files pad every module to one rank. (diffusers misreads per-module alphas of kohya files when ranks
+  differ: 0.32 sets every scale to 1, 0.42 drops the alphas of attention projections; --keep-energy
+  makes ranks differ.)
 """
 
 

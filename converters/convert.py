@@ -122,27 +122,43 @@ def _output_name(name: str, family: str, naming_mode: str, layers_per_block: int
     return naming.unet_name_from_sgm(name, layers_per_block)
 
 
-def loader_safe_alpha(converted: List[Converted]) -> List[Converted]:
-    """Choose the alphas written to a kohya file so that every loader applies the same change.
+def _zero_pad(c: Converted, rank: int) -> Converted:
+    """The same change at a higher rank: zero rows in down, zero columns in up; alpha = rank."""
+    extra = rank - c.rank
+    if extra <= 0:
+        return c
+    down = torch.cat([c.down, torch.zeros(extra, *c.down.shape[1:], dtype=c.down.dtype)], 0)
+    up = torch.cat([c.up, torch.zeros(c.up.shape[0], extra, *c.up.shape[2:], dtype=c.up.dtype)], 1)
+    return dataclasses.replace(c, down=down, up=up, alpha=float(rank))
 
-    U-Net modules: alpha = rank (scale 1), the alpha/rank scale folded into the factors.
-    Text-encoder modules: one alpha for all of them (the most common output rank), the rest of
-    each module's scale folded into its factors.
-    Why: diffusers 0.32 reads kohya files with quirks. With U-Net modules of different ranks it
-    sets every U-Net module's scale to 1 (`_maybe_adjust_config`); for text encoders it applies a
-    single lora_alpha to every module (its alpha_pattern keys match no module). A file that obeys
-    both rules means the same thing to diffusers, A1111, Forge and ComfyUI."""
+
+def loader_safe_alpha(converted: List[Converted]) -> List[Converted]:
+    """Choose the ranks and alphas written to a kohya file so that every loader applies the same
+    change.
+
+    U-Net modules: one rank for all of them (zero-padded where a module has fewer) with
+    alpha = rank (scale 1), the alpha/rank scale folded into the factors. Text-encoder modules:
+    one alpha for all of them (the most common output rank), the rest of each module's scale
+    folded into its factors.
+    Why: diffusers reads kohya files with quirks. 0.32, when U-Net ranks differ, sets every
+    U-Net module's scale to 1; 0.42 drops the per-module alphas of attention projections (their
+    pattern keys keep the old attention-processor names and match nothing), so those modules get
+    the most common alpha over their own rank. With one U-Net rank and alpha = rank neither quirk
+    changes anything. For text encoders a single lora_alpha is what every version applies. A file
+    that obeys these rules means the same thing to diffusers, A1111, Forge and ComfyUI."""
     te = [c for c in converted if not c.name.startswith(naming.UNET_PREFIX)]
     te_alpha = float(Counter(c.rank for c in te).most_common(1)[0][0]) if te else None
+    unet_ranks = {c.rank for c in converted if c.name.startswith(naming.UNET_PREFIX)}
+    unet_rank = max(unet_ranks) if unet_ranks else None
     out = []
     for c in converted:
-        alpha = float(c.rank) if c.name.startswith(naming.UNET_PREFIX) else te_alpha
-        if float(c.alpha) == alpha:
-            out.append(c)
-            continue
-        root = math.sqrt(abs(float(c.alpha) / alpha))
-        sign = 1.0 if float(c.alpha) / alpha >= 0 else -1.0
-        out.append(dataclasses.replace(c, down=c.down * root, up=c.up * (root * sign), alpha=alpha))
+        is_unet = c.name.startswith(naming.UNET_PREFIX)
+        alpha = float(c.rank) if is_unet else te_alpha
+        if float(c.alpha) != alpha:
+            root = math.sqrt(abs(float(c.alpha) / alpha))
+            sign = 1.0 if float(c.alpha) / alpha >= 0 else -1.0
+            c = dataclasses.replace(c, down=c.down * root, up=c.up * (root * sign), alpha=alpha)
+        out.append(_zero_pad(c, unet_rank) if is_unet else c)
     return out
 
 
@@ -265,7 +281,7 @@ def convert_file(
         )
 
     metadata = (_kohya_metadata if target == "kohya" else _diffusers_metadata)(
-        loaded, report, converted, rank, keep_energy, out_path, pad_to
+        loaded, report, converted, rank, keep_energy, out_path, tensors, pad_to
     )
     for key, value in (metadata_extra or {}).items():
         metadata[str(key)] = value if isinstance(value, str) else json.dumps(value)
@@ -288,7 +304,7 @@ def _conversion_record(loaded, report, rank, keep_energy) -> str:
     return json.dumps(record, sort_keys=True)
 
 
-def _kohya_metadata(loaded: LoadedLora, report: Report, converted, rank, keep_energy, out_path, pad_to) -> Dict[str, str]:
+def _kohya_metadata(loaded: LoadedLora, report: Report, converted, rank, keep_energy, out_path, tensors, pad_to) -> Dict[str, str]:
     meta: Dict[str, str] = {}
     for key, value in loaded.metadata.items():  # keep training records (ss_*, modelspec.*) as data
         if key.startswith(("ss_", "modelspec.")) and isinstance(value, str):
@@ -320,12 +336,22 @@ def _kohya_metadata(loaded: LoadedLora, report: Report, converted, rank, keep_en
     return meta
 
 
-def _diffusers_metadata(loaded: LoadedLora, report: Report, converted, rank, keep_energy, out_path, pad_to) -> Dict[str, str]:
+def _diffusers_metadata(loaded: LoadedLora, report: Report, converted, rank, keep_energy, out_path, tensors, pad_to) -> Dict[str, str]:
+    """`lora_adapter_metadata`: per component the full PEFT LoraConfig of the file. diffusers >= 0.34
+    builds the adapter's LoraConfig from exactly these fields when they are present, so they must
+    include target_modules: without it peft tries to guess targets from a transformers
+    `model_type`, which diffusers models do not have, and loading fails. The modules are listed
+    by full path, which PEFT matches exactly."""
+    targets: Dict[str, List[str]] = {}
+    for key in tensors:
+        if key.endswith(".lora_A.weight"):
+            component, _, module = key[: -len(".lora_A.weight")].partition(".")
+            targets.setdefault(component, []).append(module)
     adapter = {}
-    components = sorted({naming.DIFFUSERS_COMPONENT[naming.split_prefix(c.name)[0]] for c in converted})
-    for component in components:
+    for component, modules in sorted(targets.items()):
         adapter[f"{component}.r"] = pad_to
         adapter[f"{component}.lora_alpha"] = pad_to  # scale 1: alpha/rank already in the factors
+        adapter[f"{component}.target_modules"] = sorted(modules)
     return {
         "format": "pt",
         "lora_adapter_metadata": json.dumps(adapter, sort_keys=True),

@@ -1,7 +1,6 @@
 """Helpers for the converters tests: tiny diffusers pipelines built offline, native files with
 random (non-zero) factors. No tests in here."""
 
-import json
 import os
 
 import torch
@@ -13,36 +12,11 @@ ALGOS = ("tlora", "tlora_vanilla", "ortho", "trilora", "lora")
 RANK, MIN_RANK, ALPHA = 4, 2, 2.0
 
 
-def bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def tiny_tokenizer(folder):
     """A CLIPTokenizer from a byte-level vocab with no merges (every character is a token)."""
-    from transformers import CLIPTokenizer
+    from tlora_trainer.tokenizers import clip_tokenizer
 
-    os.makedirs(folder, exist_ok=True)
-    chars = bytes_to_unicode()
-    vocab = {}
-    for c in chars:
-        vocab.setdefault(c, len(vocab))
-    for c in chars:
-        vocab.setdefault(c + "</w>", len(vocab))
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[special] = len(vocab)
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), pad_token="<|endoftext|>", model_max_length=77)
+    return clip_tokenizer()
 
 
 def tiny_vae():
