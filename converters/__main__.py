@@ -3,6 +3,8 @@
 import argparse
 import sys
 
+from networks.tlora_families import FAMILIES
+
 EPILOG = """examples:
   python -m converters info my_tlora.safetensors
   python -m converters to-kohya my_tlora.safetensors my_tlora_lora.safetensors --mask mean
@@ -10,6 +12,7 @@ EPILOG = """examples:
   python -m converters to-kohya my_tlora.safetensors dyn.safetensors --keep-energy 0.99 --model-card --instance-prompt "a sks dog"
   python -m converters to-diffusers my_tlora.safetensors pytorch_lora_weights.safetensors --mask mean
   python -m converters import-official checkpoint-800/pytorch_lora_weights.safetensors native.safetensors --hparams logs/hparams.yml
+  python -m converters import-official flux_run/checkpoint-1000/lora.pt native_flux.safetensors --hparams flux_run/logs/hparams.yml
   python -m converters import-lycoris lycoris_tlora.safetensors native.safetensors --base-model ./sdxl-base --min-rank 32
 
 masks (T-LoRA's rank depends on the timestep; a standard LoRA file cannot, so one mask is baked in):
@@ -32,8 +35,8 @@ def _convert_args(p):
     p.add_argument("--rank", type=int, default=None, help="compress every module to at most this rank by SVD")
     p.add_argument("--keep-energy", type=float, default=None, help="dynamic rank keeping this fraction of sum(s^2), e.g. 0.99")
     p.add_argument("--dtype", default=None, choices=["fp16", "bf16", "fp32"], help="output dtype (default: the input's)")
-    p.add_argument("--base", default=None, choices=["sd1", "sd2", "sdxl"], help="model family (default: detected)")
-    p.add_argument("--layers-per-block", type=int, default=2, help="U-Net layers per block for SGM renaming (SDXL: 2)")
+    p.add_argument("--base", default=None, choices=list(FAMILIES), help="model family (default: detected; refused when the file contradicts it)")
+    p.add_argument("--layers-per-block", type=int, default=2, help="U-Net layers per block for SDXL's SGM renaming (SDXL: 2)")
     p.add_argument("--model-card", action="store_true", help="write a README.md model card beside the output")
     p.add_argument("--instance-prompt", default=None, help="instance prompt for the model card")
     p.add_argument("--base-model", default=None, help="base model id for the model card")
@@ -58,17 +61,20 @@ def build_parser():
     p = sub.add_parser("to-kohya", help="standard kohya LoRA (lora_down/lora_up/alpha) for A1111, Forge, ComfyUI",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _convert_args(p)
-    p.add_argument("--naming", default=None, choices=["sgm", "diffusers"],
-                   help="SDXL U-Net names: sgm (sd-scripts, default) or diffusers; SD1/2 always use diffusers names")
+    p.add_argument("--naming", default=None, choices=["sgm", "bfl", "diffusers"],
+                   help="denoiser names: SDXL sgm (sd-scripts, default) or diffusers; FLUX bfl (sd-scripts' fused qkv, default, "
+                        "what ComfyUI and Forge load) or diffusers (lora_transformer_*); SD1/2 always diffusers")
 
     p = sub.add_parser("to-diffusers", help="diffusers/PEFT LoRA (unet.<path>.lora_A.weight) for pipe.load_lora_weights",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _convert_args(p)
 
-    p = sub.add_parser("import-official", help="official T-LoRA SD-XL checkpoint -> native file",
-                       epilog="example: python -m converters import-official ckpt/pytorch_lora_weights.safetensors out.safetensors "
-                       "--hparams hparams.yml\n(rank/min_rank/power from the options, else from hparams.yml: lora_rank, min_rank, "
-                       "alpha_rank_scale; min_rank defaults to 1 as in the official code)",
+    p = sub.add_parser("import-official", help="official T-LoRA SD-XL or FLUX.1 checkpoint -> native file",
+                       epilog="examples:\n  python -m converters import-official ckpt/pytorch_lora_weights.safetensors out.safetensors "
+                       "--hparams hparams.yml\n  python -m converters import-official run/checkpoint-1000/lora.pt flux.safetensors "
+                       "--hparams run/logs/hparams.yml\n(rank/min_rank/power from the options, else from hparams.yml: lora_rank or "
+                       "rank, min_rank, alpha_rank_scale; min_rank defaults to 1 as in the official code. FLUX's lora.pt is a "
+                       "pickle: it is read with torch.load(weights_only=True), which refuses anything but tensors, so no code runs)",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input")
     p.add_argument("output")
@@ -77,7 +83,8 @@ def build_parser():
     p.add_argument("--min-rank", type=int, default=None)
     p.add_argument("--power", type=float, default=None, help="rank schedule power (official: alpha_rank_scale)")
     p.add_argument("--no-mask", action="store_true", help="the run trained without timestep masks (plain LoRA / Ortho-LoRA)")
-    p.add_argument("--naming", default="sgm", choices=["sgm", "diffusers"], help="names in the native file (sgm: what sd-scripts uses)")
+    p.add_argument("--naming", default=None, choices=["sgm", "diffusers"],
+                   help="SD-XL: names in the native file (sgm, the default: what sd-scripts uses); FLUX files keep diffusers names")
 
     p = sub.add_parser("import-lycoris", help="LyCORIS algo=tlora file -> native file",
                        epilog="example: python -m converters import-lycoris lyco.safetensors out.safetensors --base-model ./sdxl-base "
@@ -96,7 +103,10 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from networks.tlora_format import TLoRAFormatError
+
     from .core import ConversionError
+    from .errors import describe_failure
 
     try:
         if args.command == "info":
@@ -125,8 +135,14 @@ def main(argv=None) -> int:
             summary = import_lycoris(args.input, args.output, args.base_model, min_rank=args.min_rank, power=args.power,
                                      sig_type=args.sig_type, masked=not args.no_mask)
             print(f"{args.input} -> {args.output}: {summary}")
-    except (ConversionError, FileNotFoundError) as e:
+    except (ConversionError, TLoRAFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - OS and file-writer failures become one line; anything else is a bug
+        message = describe_failure(e, getattr(args, "output", None) or getattr(args, "input", None))
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 0
 

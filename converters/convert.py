@@ -11,32 +11,26 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 
+from networks.tlora_families import Family, check_layers_per_block, module_path, split_prefix
 from networks.tlora_format import atomic_save_safetensors
 
-from . import naming
+from . import layouts
 from .core import (
     DTYPE_NAMES,
     DTYPE_TOLERANCE,
     ConversionError,
     Converted,
     LoadedLora,
-    MaskSpec,
-    detect_family,
     exact_factors,
+    layer_is_denoiser,
     load_lora,
     parse_dtype,
+    parse_mask,
     relative_error,
+    resolve_family,
     svd_factors,
 )
 
-ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
-BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-RESOLUTIONS = {"sd1": "512x512", "sd2": "512x512", "sdxl": "1024x1024"}
-BASE_MODELS = {
-    "sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    "sd2": "stabilityai/stable-diffusion-2-1-base",
-    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
-}
 MODEL_CARD_MARKER = "<!-- written by tlora-convert -->"
 
 
@@ -58,6 +52,7 @@ class Report:
     in_size: int = 0
     written: bool = False
     model_card: Optional[str] = None
+    masked: bool = True
 
     @property
     def max_rel_error(self) -> float:
@@ -75,7 +70,8 @@ class Report:
         rank_text = ", ".join(f"{r}x{c}" if len(ranks) > 1 else str(r) for r, c in sorted(ranks.items()))
         lines = [
             f"{self.in_path} -> {self.out_path}",
-            f"  source algo={self.algo} family={self.family}; target={self.target} naming={self.naming} mask={self.mask} dtype={self.dtype}",
+            f"  source algo={self.algo} family={self.family}; target={self.target} naming={self.naming} mask={self.mask} dtype={self.dtype}"
+            + ("" if self.masked or self.mask == "full" else f" (algo={self.algo} has no timestep mask: --mask changes nothing)"),
             f"  modules: {len(self.per_module)}; output rank(s): {rank_text}",
             f"  relative error of the weight change vs the native change at mask={self.mask} (fp32):",
             f"    mean {self.mean_rel_error:.3e}   max {self.max_rel_error:.3e}   tolerance {self.tolerance:.3e} (+ SVD truncation where compressed)",
@@ -114,14 +110,6 @@ def _check_paths(in_path: str, out_path: str) -> None:
         raise ConversionError(f"the output {out_path!r} is a directory")
 
 
-def _output_name(name: str, family: str, naming_mode: str, layers_per_block: int) -> str:
-    if not name.startswith(naming.UNET_PREFIX) or family != "sdxl":
-        return name
-    if naming_mode == "sgm":
-        return naming.unet_name_to_sgm(naming.unet_name_from_sgm(name, layers_per_block), layers_per_block)
-    return naming.unet_name_from_sgm(name, layers_per_block)
-
-
 def _zero_pad(c: Converted, rank: int) -> Converted:
     """The same change at a higher rank: zero rows in down, zero columns in up; alpha = rank."""
     extra = rank - c.rank
@@ -146,13 +134,13 @@ def loader_safe_alpha(converted: List[Converted]) -> List[Converted]:
     the most common alpha over their own rank. With one U-Net rank and alpha = rank neither quirk
     changes anything. For text encoders a single lora_alpha is what every version applies. A file
     that obeys these rules means the same thing to diffusers, A1111, Forge and ComfyUI."""
-    te = [c for c in converted if not c.name.startswith(naming.UNET_PREFIX)]
+    te = [c for c in converted if not layer_is_denoiser(c.name)]
     te_alpha = float(Counter(c.rank for c in te).most_common(1)[0][0]) if te else None
-    unet_ranks = {c.rank for c in converted if c.name.startswith(naming.UNET_PREFIX)}
+    unet_ranks = {c.rank for c in converted if layer_is_denoiser(c.name)}
     unet_rank = max(unet_ranks) if unet_ranks else None
     out = []
     for c in converted:
-        is_unet = c.name.startswith(naming.UNET_PREFIX)
+        is_unet = layer_is_denoiser(c.name)
         alpha = float(c.rank) if is_unet else te_alpha
         if float(c.alpha) != alpha:
             root = math.sqrt(abs(float(c.alpha) / alpha))
@@ -162,14 +150,42 @@ def loader_safe_alpha(converted: List[Converted]) -> List[Converted]:
     return out
 
 
-def convert_layers(loaded: LoadedLora, mask: MaskSpec, rank: Optional[int], keep_energy: Optional[float]) -> List[Converted]:
-    out = []
-    for layer in loaded.layers.values():
+def convert_layers(loaded: LoadedLora, mask: str, rank: Optional[int], keep_energy: Optional[float]) -> Dict[str, Converted]:
+    out = {}
+    for name, layer in loaded.layers.items():
         if rank is None and keep_energy is None:
-            out.append(exact_factors(layer, mask))
+            out[name] = exact_factors(layer, mask)
         else:
-            out.append(svd_factors(layer, mask, rank, keep_energy))
+            out[name] = svd_factors(layer, mask, rank, keep_energy)
     return out
+
+
+def check_options(loaded: LoadedLora, mask: str, rank, keep_energy, layers_per_block) -> None:
+    """Options that do not fit the file, refused before anything is computed."""
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ConversionError(f"--rank {rank!r} must be a whole number >= 1")
+    if keep_energy is not None and not (isinstance(keep_energy, (int, float)) and 0 < float(keep_energy) <= 1):
+        raise ConversionError(f"--keep-energy {keep_energy!r} must be in (0, 1], e.g. 0.99")
+    try:
+        check_layers_per_block(layers_per_block)
+    except ValueError as e:
+        raise ConversionError(f"--layers-per-block: {e}") from None
+    # (a mask on a file without one changes nothing; the report says so)
+    if mask.startswith("t=") and not 0 <= int(mask[2:]) < loaded.num_train_timesteps:
+        raise ConversionError(f"--mask {mask} is outside t = 0..{loaded.num_train_timesteps - 1} (T = {loaded.num_train_timesteps})")
+
+
+def output_layout(family: Family, target: str, naming: Optional[str]) -> str:
+    if target == "diffusers":
+        if naming not in (None, layouts.diffusers_layout(family)):
+            raise ConversionError(f"--naming {naming}: diffusers output always uses diffusers' module names")
+        return layouts.diffusers_layout(family)
+    names = layouts.layout_names(family)
+    if naming is None:
+        return family.file_layout.name
+    if naming not in names:
+        raise ConversionError(f"--naming {naming!r} is not a layout of {family.title} models; use {' or '.join(names)}")
+    return naming
 
 
 def convert_file(
@@ -192,36 +208,29 @@ def convert_file(
     """Convert a LoRA file; verify the result against the native change; write atomically.
 
     Raises ConversionError (nothing written) for bad input, bad options or a failed verification."""
-    naming_mode = naming
-    from . import naming as naming_mod
-
     if target not in ("kohya", "diffusers"):
         raise ConversionError(f"target {target!r} is unknown; use kohya or diffusers")
     _check_paths(in_path, out_path)
-    mask_spec = MaskSpec.parse(mask)
+    mask_mode = parse_mask(mask)
     out_dtype = parse_dtype(dtype)
-    if rank is not None and (not isinstance(rank, int) or rank < 1):
-        raise ConversionError(f"--rank {rank!r} must be a whole number >= 1")
-    if keep_energy is not None and not (0 < float(keep_energy) <= 1):
-        raise ConversionError(f"--keep-energy {keep_energy!r} must be in (0, 1], e.g. 0.99")
     loaded = load_lora(in_path)
-    family = base or detect_family(loaded)
-    if family not in ARCHITECTURES:
-        raise ConversionError(f"--base {family!r} is unknown; use sd1, sd2 or sdxl")
-    if naming_mode is None:
-        naming_mode = "sgm" if family == "sdxl" else "diffusers"
-    if naming_mode not in ("sgm", "diffusers"):
-        raise ConversionError(f"--naming {naming_mode!r} is unknown; use sgm or diffusers")
-    if naming_mode == "sgm" and family != "sdxl":
-        raise ConversionError("--naming sgm is the SDXL convention of sd-scripts; SD 1.x/2.x files use diffusers names")
-    if target == "diffusers":
-        naming_mode = "diffusers"
+    check_options(loaded, mask_mode, rank, keep_energy, layers_per_block)
+    family = resolve_family(loaded, base)
+    layout_name = output_layout(family, target, naming)
+    if target == "diffusers" and any(name.startswith("lora_te3_") for name in loaded.layers):
+        raise ConversionError(
+            f"{in_path}: diffusers' FluxPipeline loads no T5 (lora_te3) LoRA; use to-kohya (ComfyUI and Forge load it), "
+            f"or train without train_t5xxl"
+        )
 
-    converted = convert_layers(loaded, mask_spec, rank, keep_energy)
+    sources = convert_layers(loaded, mask_mode, rank, keep_energy)
+    plan = layouts.plan({name: layer.weight_shape for name, layer in loaded.layers.items()}, family, layout_name, layers_per_block)
+    converted = [layouts.apply(module, sources) for module in plan]
     if out_dtype is None:
-        src = {loaded.layers[c.name].down.dtype for c in converted}
+        src = {layer.down.dtype for layer in loaded.layers.values()}
         out_dtype = src.pop() if len(src) == 1 and next(iter(src)) in DTYPE_TOLERANCE else torch.float32
     tolerance = DTYPE_TOLERANCE[out_dtype]
+    native_deltas = {name: layer.delta(layer.mask_vector(mask_mode)) for name, layer in loaded.layers.items()}
 
     tensors: Dict[str, torch.Tensor] = {}
     errors: Dict[str, float] = {}
@@ -231,17 +240,16 @@ def convert_file(
     pad_to = max(c.rank for c in converted) if target == "diffusers" else None
     if target == "kohya":
         converted = loader_safe_alpha(converted)
-    known_two_te = any(n.startswith(("lora_te1_", "lora_te2_")) for n in loaded.layers)
+    modules = {module.name: module for module in plan}
     for conv in converted:
-        layer = loaded.layers[conv.name]
-        out_name = _output_name(conv.name, family, naming_mode, layers_per_block)
+        module = modules[conv.name]
         if target == "kohya":
             down = conv.down.to(out_dtype).contiguous()
             up = conv.up.to(out_dtype).contiguous()
             alpha = torch.tensor(float(conv.alpha), dtype=torch.float32)
-            tensors[f"{out_name}.lora_down.weight"] = down
-            tensors[f"{out_name}.lora_up.weight"] = up
-            tensors[f"{out_name}.alpha"] = alpha
+            tensors[f"{conv.name}.lora_down.weight"] = down
+            tensors[f"{conv.name}.lora_up.weight"] = up
+            tensors[f"{conv.name}.alpha"] = alpha
             stored_scale = float(alpha) / conv.rank
         else:
             # diffusers 0.32 ignores lora_adapter_metadata and uses one lora_alpha (= the first
@@ -254,24 +262,21 @@ def convert_file(
                 down64 = torch.cat([down64, torch.zeros(extra, *down64.shape[1:], dtype=down64.dtype)], 0)
                 up64 = torch.cat([up64, torch.zeros(up64.shape[0], extra, *up64.shape[2:], dtype=up64.dtype)], 1)
             down, up = down64.to(out_dtype).contiguous(), up64.to(out_dtype).contiguous()
-            kname = out_name
-            if not known_two_te:
-                kname = kname.replace("lora_te_", "lora_te1_", 1)
-            key = naming_mod.kohya_to_diffusers_key(kname)
+            key = diffusers_key(family, conv.name)
             tensors[f"{key}.lora_A.weight"] = down
             tensors[f"{key}.lora_B.weight"] = up
             stored_scale = 1.0
         # verification: the change as a loader computes it from the stored tensors, in fp32
-        got = (up.float().reshape(up.shape[0], up.shape[1]) @ down.float().reshape(down.shape[0], -1)).reshape(layer.weight_shape) * stored_scale
-        want = layer.native_delta(mask_spec)
-        err = relative_error(got, want)
-        errors[out_name] = err
-        predicted[out_name] = conv.predicted_error
-        ranks[out_name] = conv.rank
+        got = (up.float().reshape(up.shape[0], up.shape[1]) @ down.float().reshape(down.shape[0], -1)) * stored_scale
+        want = layouts.reference(module, native_deltas)
+        err = relative_error(got.reshape(want.shape), want)
+        errors[conv.name] = err
+        predicted[conv.name] = conv.predicted_error
+        ranks[conv.name] = conv.rank
         if not err <= conv.predicted_error + tolerance:
-            failures.append((out_name, err, conv.predicted_error))
-    report = Report(in_path, out_path, target, str(mask_spec), loaded.algo, family, naming_mode, DTYPE_NAMES[out_dtype],
-                    tolerance, errors, predicted, ranks, in_size=loaded.size)
+            failures.append((conv.name, err, conv.predicted_error))
+    report = Report(in_path, out_path, target, mask_mode, loaded.algo, family.name, layout_name, DTYPE_NAMES[out_dtype],
+                    tolerance, errors, predicted, ranks, in_size=loaded.size, masked=loaded.masked)
     if failures:
         worst = sorted(failures, key=lambda f: -f[1])[:5]
         detail = "; ".join(f"{n}: {e:.3e} (allowed {p + tolerance:.3e})" for n, e, p in worst)
@@ -281,7 +286,7 @@ def convert_file(
         )
 
     metadata = (_kohya_metadata if target == "kohya" else _diffusers_metadata)(
-        loaded, report, converted, rank, keep_energy, out_path, tensors, pad_to
+        loaded, report, converted, rank, keep_energy, out_path, tensors, pad_to, family
     )
     for key, value in (metadata_extra or {}).items():
         metadata[str(key)] = value if isinstance(value, str) else json.dumps(value)
@@ -296,6 +301,18 @@ def convert_file(
     return report
 
 
+def diffusers_key(family: Family, name: str) -> str:
+    """'<component>.<dotted module path>' as diffusers/PEFT name a kohya-named layer."""
+    prefix, rest = split_prefix(name)
+    try:
+        component = family.diffusers_component(prefix)
+    except KeyError:
+        if prefix not in ("lora_te", "lora_te1"):
+            raise ConversionError(f"{name}: no diffusers component of {family.title} models takes this layer") from None
+        component = "text_encoder"
+    return f"{component}.{module_path(rest)}"
+
+
 def _conversion_record(loaded, report, rank, keep_energy) -> str:
     record = {"source_algo": loaded.algo, "source_kind": loaded.kind, "mask": report.mask, "rank": rank, "keep_energy": keep_energy,
               "max_rel_error": report.max_rel_error, "tool": "tlora-convert"}
@@ -304,30 +321,33 @@ def _conversion_record(loaded, report, rank, keep_energy) -> str:
     return json.dumps(record, sort_keys=True)
 
 
-def _kohya_metadata(loaded: LoadedLora, report: Report, converted, rank, keep_energy, out_path, tensors, pad_to) -> Dict[str, str]:
+def _kohya_metadata(loaded: LoadedLora, report: Report, converted, rank, keep_energy, out_path, tensors, pad_to, family: Family) -> Dict[str, str]:
     meta: Dict[str, str] = {}
     for key, value in loaded.metadata.items():  # keep training records (ss_*, modelspec.*) as data
         if key.startswith(("ss_", "modelspec.")) and isinstance(value, str):
             meta[key] = value
     ranks = {c.rank for c in converted}
     alphas = {round(float(c.alpha), 6) for c in converted}
-    family = report.family
     title = os.path.splitext(os.path.basename(out_path))[0]
+    v_prediction = loaded.metadata.get("ss_v_parameterization") == "True"
+    classification = family.lora_metadata(v_prediction)
+    source_arch = loaded.metadata.get("modelspec.architecture", "")
+    if source_arch.endswith("/lora") and loaded.families and loaded.families[0] is family and "modelspec.architecture" in loaded.metadata:
+        # the source names its variant (FLUX.1 dev / schnell / Chroma, SD 2 512 / 768-v): keep it
+        classification["modelspec.architecture"] = source_arch
+        classification["modelspec.implementation"] = loaded.metadata.get("modelspec.implementation", classification["modelspec.implementation"])
+    meta.update(classification)
     meta.update(
         {
             "ss_network_module": "networks.lora",
             "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
             "ss_network_alpha": str(alphas.pop()) if len(alphas) == 1 else "Dynamic",
             "ss_network_args": json.dumps({}),
-            "ss_base_model_version": BASE_VERSIONS[family],
-            "ss_v2": str(family == "sd2"),
             "ss_output_name": title,
             "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": f"{ARCHITECTURES[family]}/lora",
-            "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl" else "diffusers",
             "modelspec.title": loaded.metadata.get("modelspec.title", title),
-            "modelspec.resolution": loaded.metadata.get("modelspec.resolution", RESOLUTIONS[family]),
-            "modelspec.prediction_type": loaded.metadata.get("modelspec.prediction_type", "epsilon"),
+            "modelspec.resolution": loaded.metadata.get("modelspec.resolution", family.resolution),
+            "modelspec.prediction_type": loaded.metadata.get("modelspec.prediction_type", "flow" if family.flow_matching else "epsilon"),
             "modelspec.date": datetime.datetime.now().isoformat(timespec="seconds"),
             "modelspec.description": f"{loaded.algo} converted to a standard LoRA with the rank mask '{report.mask}' by tlora-convert",
             "tlora_conversion": _conversion_record(loaded, report, rank, keep_energy),
@@ -336,7 +356,7 @@ def _kohya_metadata(loaded: LoadedLora, report: Report, converted, rank, keep_en
     return meta
 
 
-def _diffusers_metadata(loaded: LoadedLora, report: Report, converted, rank, keep_energy, out_path, tensors, pad_to) -> Dict[str, str]:
+def _diffusers_metadata(loaded: LoadedLora, report: Report, converted, rank, keep_energy, out_path, tensors, pad_to, family: Family) -> Dict[str, str]:
     """`lora_adapter_metadata`: per component the full PEFT LoraConfig of the file. diffusers >= 0.34
     builds the adapter's LoraConfig from exactly these fields when they are present, so they must
     include target_modules: without it peft tries to guess targets from a transformers
@@ -368,10 +388,13 @@ def write_model_card(report: Report, out_path: str, card_path: Optional[str] = N
             if MODEL_CARD_MARKER not in f.read():
                 stem = os.path.splitext(os.path.basename(out_path))[0]
                 path = os.path.join(folder, f"{stem}.README.md")
-    family = report.family
-    base_model = base_model or BASE_MODELS[family]
+    from networks.tlora_families import get_family
+
+    family = get_family(report.family)
+    base_model = base_model or family.official_hub_id
+    family_tag = {"sdxl": "stable-diffusion-xl", "flux": "flux"}.get(family.name, "stable-diffusion")
     tags = ["lora", "t-lora" if report.algo.startswith("tlora") else report.algo.replace("_", "-"), "text-to-image",
-            "stable-diffusion-xl" if family == "sdxl" else "stable-diffusion", "diffusers", "template:sd-lora"]
+            family_tag, "diffusers", "template:sd-lora"]
     file_name = os.path.basename(out_path)
 
     def q(text):

@@ -7,72 +7,80 @@ step uses the rank mask of its own timestep, with any scheduler.
     image = pipe(prompt).images[0]
     remove_tlora(pipe)
 
-The network is networks.tlora's own (create_network_from_weights over pipe.unet and the text
-encoders): its U-Net pre-hook reads the timestep argument of each `unet(latents, t, ...)` call.
-SGM-named SDXL files (what sd-scripts trains) are renamed to the diffusers layout first."""
+SD 1.x/2.x, SDXL (`pipe.unet`, t in 0..999) and FLUX.1 (`pipe.transformer`, called with
+sigma in [0, 1]: t = sigma · T, so any flow-matching scheduler and shift works). The network is
+networks.tlora's own (create_network_from_weights over the pipeline's denoiser and text
+encoders): its pre-hook reads the timestep of each denoiser call. A file in another layout of
+the family (sd-scripts' SGM SDXL names, sd-scripts' fused FLUX qkv / linear1) is first put into
+the pipeline's layout, exactly (networks.tlora_families.to_model_layout)."""
 
 from typing import List, Optional
 
 import torch
 
 import networks.tlora as tlora
-from networks.tlora_format import read_safetensors
+from networks.tlora_families import family_of_model, layers_per_block_of, to_model_layout
+from networks.tlora_format import TLoRAFormatError, group_by_layer, read_safetensors
 
-from . import naming
-from .core import ConversionError, MaskSpec
+from .core import ConversionError, parse_mask
 
 _ATTR = "_tlora_networks"
 
 
-def _text_encoders(pipe) -> List[torch.nn.Module]:
-    encoders = []
-    for attr in ("text_encoder", "text_encoder_2"):
+def _denoiser(pipe):
+    for attr in ("unet", "transformer"):
         module = getattr(pipe, attr, None)
-        if module is not None:
-            encoders.append(module)
+        if isinstance(module, torch.nn.Module):
+            return module
+    raise ConversionError(f"{type(pipe).__name__} has no unet or transformer; apply_tlora takes SD, SDXL and FLUX pipelines")
+
+
+def _text_encoders(pipe) -> List[Optional[torch.nn.Module]]:
+    """The pipeline's text encoders in the host's order (a missing one as None)."""
+    encoders = [getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)]
+    while encoders and encoders[-1] is None:
+        encoders.pop()
     return encoders
 
 
-def _rename_for_diffusers(tensors, unet, n_text_encoders):
-    layers_per_block = naming.layers_per_block_of(getattr(unet, "config", {}))
-    renamed = {}
-    for key, value in tensors.items():
-        layer, _, suffix = key.partition(".")
-        if naming.is_sgm_name(layer):
-            layer = naming.unet_name_from_sgm(layer, layers_per_block)
-        if n_text_encoders == 2 and layer.startswith("lora_te_"):
-            layer = "lora_te1_" + layer[len("lora_te_"):]
-        renamed[f"{layer}.{suffix}"] = value
-    return renamed
+def _flux_hidden_size(denoiser) -> Optional[int]:
+    for name, module in denoiser.named_modules():
+        if name.endswith("attn.to_q") and hasattr(module, "out_features"):
+            return int(module.out_features)
+    return None
 
 
 def apply_tlora(pipe, path: str, scale: float = 1.0, mask: Optional[str] = None, text_encoders: bool = True):
-    """Attach a native (or plain kohya) LoRA file to a diffusers SD1/SD2/SDXL pipeline.
+    """Attach a native (or plain kohya) LoRA file to a diffusers SD1/SD2/SDXL/FLUX pipeline.
 
-    mask=None: T-LoRA's timestep mask at every U-Net call (the timestep the pipeline passes);
-    "full" / "mean" / "t=<0..999>": one fixed mask for every step. Returns the network."""
-    unet = pipe.unet
+    mask=None: T-LoRA's timestep mask at every denoiser call (the timestep the pipeline passes);
+    "full" / "mean" / "t=<0..T-1>": one fixed mask for every step. Returns the network."""
+    denoiser = _denoiser(pipe)
+    family = family_of_model(denoiser, _text_encoders(pipe))
+    if family is None:
+        raise ConversionError(f"{type(denoiser).__name__} is not a model family networks.tlora knows")
+    layout = family.layout_of_model(denoiser)
     encoders = _text_encoders(pipe) if text_encoders else []
     try:
         tensors, _ = read_safetensors(path)
-    except (OSError, ValueError) as e:
-        raise ConversionError(str(e)) from None
-    tensors = _rename_for_diffusers(tensors, unet, len(_text_encoders(pipe)))
+        layers = to_model_layout(group_by_layer(tensors), family, layout, layers_per_block_of(getattr(denoiser, "config", {})),
+                                 _flux_hidden_size(denoiser))
+    except (TLoRAFormatError, ValueError) as e:
+        raise ConversionError(f"{path}: {e}") from None
+    tensors = {f"{name}.{suffix}": value for name, layer in layers.items() for suffix, value in layer.items()}
     if not text_encoders:
-        tensors = {k: v for k, v in tensors.items() if k.startswith("lora_unet_")}
+        tensors = {k: v for k, v in tensors.items() if k.startswith(layout.prefix + "_")}
+    fixed = None if mask is None else parse_mask(mask)
     try:
-        network, _ = tlora.create_network_from_weights(scale, path, None, encoders, unet, weights_sd=tensors, for_inference=True)
+        network, _ = tlora.create_network_from_weights(scale, path, None, encoders, denoiser, weights_sd=tensors, for_inference=True,
+                                                       **({} if fixed is None else {"mask": fixed}))
     except ValueError as e:
         raise ConversionError(f"{path}: {e}") from None
-    ref = next(unet.parameters())
+    ref = next(denoiser.parameters())
     network.to(device=ref.device, dtype=ref.dtype)
     network.eval()
-    if mask is None:
-        network.apply_to(encoders, unet, apply_text_encoder=bool(encoders), apply_unet=True)
-    else:
-        spec = MaskSpec.parse(mask)
-        network.apply_to(encoders, None, apply_text_encoder=bool(encoders), apply_unet=True)
-        network.set_fixed_mask(str(spec))
+    # a fixed mask needs no timestep hook
+    network.apply_to(encoders, denoiser if fixed is None else None, apply_text_encoder=bool(encoders), apply_unet=True)
     networks = getattr(pipe, _ATTR, None)
     if networks is None:
         networks = []

@@ -5,7 +5,7 @@ from collections import Counter
 
 from networks.tlora_format import METADATA_CONFIG_KEY
 
-from .core import detect_family, load_lora
+from .core import layer_is_denoiser, load_lora
 
 
 def _short(value: str, limit: int = 160) -> str:
@@ -18,14 +18,15 @@ def describe(path: str, show_metadata: bool = True) -> str:
     layers = list(loaded.layers.values())
     ranks = Counter(layer.rank for layer in layers)
     alphas = Counter(round(layer.alpha, 6) for layer in layers)
-    unet = sum(layer.is_unet for layer in layers)
+    unet = sum(layer_is_denoiser(layer.name) for layer in layers)
     convs = sum(layer.down.dim() == 4 for layer in layers)
     lines = [
         f"file: {path}",
         f"  format: {loaded.kind}" + (" (networks.tlora native)" if loaded.kind == "native" else ""),
         f"  algo: {loaded.algo}",
-        f"  base model family: {detect_family(loaded)}",
-        f"  modules: {len(layers)} ({unet} U-Net, {len(layers) - unet} text encoder; {convs} conv)",
+        f"  base model family: {loaded.families[0].title} ({loaded.families[0].name})"
+        + (f"; could also be {', '.join(f.name for f in loaded.families[1:])}" if len(loaded.families) > 1 and loaded.config is None else ""),
+        f"  modules: {len(layers)} ({unet} {'DiT' if loaded.families[0].flow_matching else 'U-Net'}, {len(layers) - unet} text encoder; {convs} conv)",
         f"  rank(s): " + ", ".join(f"{r} x{c}" for r, c in sorted(ranks.items())),
         f"  alpha(s): " + ", ".join(f"{a:g} x{c}" for a, c in sorted(alphas.items())),
         f"  dtype(s): {', '.join(loaded.dtypes)}",

@@ -26,9 +26,7 @@ Metadata (all strings, as safetensors requires): `tlora_format_version`, `tlora_
 `NetworkConfig`), plus whatever the host passes (sd-scripts' ss_* keys, modelspec.*).
 """
 
-import dataclasses
 import json
-import math
 import os
 import struct
 import tempfile
@@ -36,33 +34,27 @@ from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 
+from .tlora_families import split_prefix
+from .tlora_options import (  # noqa: F401  (re-exported: the format's readers use these names)
+    ACCEPTED_OPTIONS,
+    ALGOS,
+    DEFAULT_NUM_TRAIN_TIMESTEPS,
+    INIT_SOURCES,
+    INITS,
+    NETWORK_OPTIONS,
+    TARGETS,
+    TRAINING_OPTIONS,
+    AlgoSpec,
+    NetworkConfig,
+    TLoRAFormatError,
+    TrainingOptions,
+    parse_network_args,
+)
+
 FORMAT_VERSION = 1
 METADATA_VERSION_KEY = "tlora_format_version"
 METADATA_CONFIG_KEY = "tlora_config"
 NETWORK_MODULE = "networks.tlora"
-DEFAULT_NUM_TRAIN_TIMESTEPS = 1000
-
-
-@dataclasses.dataclass(frozen=True)
-class AlgoSpec:
-    """What an algorithm is made of; the layer math is the same for all of them."""
-
-    masked: bool  # timestep rank mask on U-Net layers
-    has_lambda: bool  # trainable diagonal λ between up and down
-    has_base: bool  # frozen copy subtracted, so the change is zero at init
-    init: str  # how factors start: "ortho", "gaussian", "kaiming", "kaiming_zero_lambda"
-
-
-ALGOS: Dict[str, AlgoSpec] = {
-    "tlora": AlgoSpec(masked=True, has_lambda=True, has_base=True, init="ortho"),
-    "tlora_vanilla": AlgoSpec(masked=True, has_lambda=False, has_base=False, init="gaussian"),
-    "ortho": AlgoSpec(masked=False, has_lambda=True, has_base=True, init="ortho"),
-    "trilora": AlgoSpec(masked=False, has_lambda=True, has_base=False, init="kaiming_zero_lambda"),
-    "lora": AlgoSpec(masked=False, has_lambda=False, has_base=False, init="kaiming"),
-}
-INITS = ("last", "principal", "middle")
-INIT_SOURCES = ("random", "weight")
-TARGETS = ("transformer", "attention")
 
 # Key suffixes of one layer's tensors, by role. The layer module registers its tensors under
 # exactly these names so that `network.state_dict()` keys equal the file's keys (sd-scripts'
@@ -93,265 +85,6 @@ def key_names(algo: str) -> Dict[str, str]:
 ALL_SUFFIXES = tuple(sorted(set(KOHYA_KEYS.values()) | set(SVD_KEYS.values()), key=len, reverse=True))
 
 
-class TLoRAFormatError(ValueError):
-    """A file or an argument that networks.tlora cannot use; the message says what to fix."""
-
-
-# ----------------------------------------------------------------------------- configuration
-
-
-@dataclasses.dataclass
-class NetworkConfig:
-    """Everything needed to rebuild a network from its file (training-only options excluded)."""
-
-    algo: str = "tlora"
-    rank: int = 4
-    alpha: float = 1.0
-    min_rank: int = 2
-    conv_rank: Optional[int] = None  # LoCon 3x3 convolutions in ResNet blocks; None = not adapted
-    conv_alpha: Optional[float] = None
-    conv_min_rank: Optional[int] = None
-    rank_schedule_power: float = 1.0
-    num_train_timesteps: int = DEFAULT_NUM_TRAIN_TIMESTEPS
-    init: str = "last"
-    init_source: str = "random"
-    targets: str = "transformer"
-    ortho_reg: float = 0.0
-
-    @property
-    def spec(self) -> AlgoSpec:
-        return ALGOS[self.algo]
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str, source: str = "file") -> "NetworkConfig":
-        try:
-            raw = json.loads(text)
-        except (json.JSONDecodeError, TypeError) as e:
-            raise TLoRAFormatError(f"{source}: metadata '{METADATA_CONFIG_KEY}' is not valid JSON ({e})") from None
-        if not isinstance(raw, dict):
-            raise TLoRAFormatError(f"{source}: metadata '{METADATA_CONFIG_KEY}' must be a JSON object, got {type(raw).__name__}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - set(fields))
-        if unknown:
-            raise TLoRAFormatError(
-                f"{source}: metadata '{METADATA_CONFIG_KEY}' has unknown fields {unknown}; "
-                f"this file was written by a newer networks.tlora, update the project"
-            )
-        kwargs = {}
-        for name, value in raw.items():
-            kwargs[name] = _check_json_type(name, value, source)
-        config = cls(**kwargs)
-        config.validate(source)
-        return config
-
-    def validate(self, source: str = "network_args") -> None:
-        if self.algo not in ALGOS:
-            raise TLoRAFormatError(f"{source}: algo={self.algo!r} is unknown; accepted: {', '.join(ALGOS)}")
-        if self.rank < 1:
-            raise TLoRAFormatError(f"{source}: network_dim (rank) must be >= 1, got {self.rank}")
-        if not 0 <= self.min_rank <= self.rank:
-            raise TLoRAFormatError(f"{source}: min_rank={self.min_rank} must be between 0 and the rank {self.rank}")
-        if self.conv_rank is not None:
-            if self.conv_rank < 1:
-                raise TLoRAFormatError(f"{source}: conv_dim must be >= 1, got {self.conv_rank}")
-            if self.conv_min_rank is None or not 0 <= self.conv_min_rank <= self.conv_rank:
-                raise TLoRAFormatError(f"{source}: conv min rank {self.conv_min_rank} must be between 0 and conv_dim {self.conv_rank}")
-        if not (self.rank_schedule_power > 0 and math.isfinite(self.rank_schedule_power)):
-            raise TLoRAFormatError(f"{source}: rank_schedule_power must be a positive number, got {self.rank_schedule_power}")
-        if self.num_train_timesteps < 1:
-            raise TLoRAFormatError(f"{source}: num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
-        if self.init not in INITS:
-            raise TLoRAFormatError(f"{source}: init={self.init!r} is unknown; accepted: {', '.join(INITS)}")
-        if self.init_source not in INIT_SOURCES:
-            raise TLoRAFormatError(f"{source}: init_source={self.init_source!r} is unknown; accepted: {', '.join(INIT_SOURCES)}")
-        if self.targets not in TARGETS:
-            raise TLoRAFormatError(f"{source}: targets={self.targets!r} is unknown; accepted: {', '.join(TARGETS)}")
-        if not (self.ortho_reg >= 0 and math.isfinite(self.ortho_reg)):
-            raise TLoRAFormatError(f"{source}: ortho_reg must be a number >= 0, got {self.ortho_reg}")
-
-    def layer_settings(self, is_conv_kxk: bool) -> Tuple[Optional[int], Optional[float], Optional[int]]:
-        """(rank, alpha, min_rank) for a layer: kxk convolutions use the conv_* values."""
-        if is_conv_kxk:
-            return self.conv_rank, self.conv_alpha, self.conv_min_rank
-        return self.rank, self.alpha, self.min_rank
-
-
-def _check_json_type(name: str, value, source: str):
-    int_fields = {"rank", "min_rank", "num_train_timesteps"}
-    opt_int_fields = {"conv_rank", "conv_min_rank"}
-    float_fields = {"alpha", "rank_schedule_power", "ortho_reg"}
-    opt_float_fields = {"conv_alpha"}
-    str_fields = {"algo", "init", "init_source", "targets"}
-    ok = True
-    if name in int_fields or (name in opt_int_fields and value is not None):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif name in float_fields or (name in opt_float_fields and value is not None):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif name in str_fields:
-        ok = isinstance(value, str)
-    if not ok:
-        raise TLoRAFormatError(f"{source}: metadata field {name!r} has the wrong type ({type(value).__name__}: {value!r})")
-    return value
-
-
-# Options accepted in --network_args. Values arrive as strings from sd-scripts (dropout may
-# arrive as float or None); each parser says what it accepts.
-TRAINING_OPTIONS = (
-    "dropout",
-    "rank_dropout",
-    "module_dropout",
-    "loraplus_lr_ratio",
-    "loraplus_unet_lr_ratio",
-    "loraplus_text_encoder_lr_ratio",
-)
-NETWORK_OPTIONS = (
-    "algo",
-    "min_rank",
-    "min_rank_ratio",
-    "conv_min_rank",
-    "rank_schedule_power",
-    "num_train_timesteps",
-    "init",
-    "init_source",
-    "conv_dim",
-    "conv_alpha",
-    "targets",
-    "ortho_reg",
-)
-ACCEPTED_OPTIONS = NETWORK_OPTIONS + TRAINING_OPTIONS
-
-
-def _none_like(value) -> bool:
-    return value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null"))
-
-
-def _parse_number(key, value, kind, low=None, high=None, low_open=False, optional=False):
-    if optional and _none_like(value):
-        return None
-    what = "a whole number" if kind is int else "a number"
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        number = float(value)
-    except (TypeError, ValueError):
-        raise TLoRAFormatError(f"network_args: {key}={value!r} is not {what}") from None
-    if not math.isfinite(number):
-        raise TLoRAFormatError(f"network_args: {key}={value!r} must be finite")
-    if kind is int:
-        if number != int(number):
-            raise TLoRAFormatError(f"network_args: {key}={value!r} is not {what}")
-        number = int(number)
-    if low is not None and (number <= low if low_open else number < low):
-        raise TLoRAFormatError(f"network_args: {key}={value!r} must be {'>' if low_open else '>='} {low}")
-    if high is not None and number > high:
-        raise TLoRAFormatError(f"network_args: {key}={value!r} must be <= {high}")
-    return number
-
-
-def _parse_choice(key, value, choices):
-    text = str(value).strip().lower()
-    if text not in choices:
-        raise TLoRAFormatError(f"network_args: {key}={value!r} is unknown; accepted: {', '.join(choices)}")
-    return text
-
-
-@dataclasses.dataclass
-class TrainingOptions:
-    """Options that shape training only; not stored as part of the network's definition."""
-
-    dropout: Optional[float] = None
-    rank_dropout: Optional[float] = None
-    module_dropout: Optional[float] = None
-    loraplus_lr_ratio: Optional[float] = None
-    loraplus_unet_lr_ratio: Optional[float] = None
-    loraplus_text_encoder_lr_ratio: Optional[float] = None
-
-
-def _resolve_min_rank(key_abs, key_ratio, options, rank, default_ratio=0.5):
-    """min_rank from an absolute value or a ratio of the rank (default: half the rank)."""
-    if key_abs in options and key_ratio in options:
-        raise TLoRAFormatError(f"network_args: give either {key_abs} or {key_ratio}, not both")
-    if key_abs in options:
-        value = _parse_number(key_abs, options[key_abs], int, low=0)
-        if value > rank:
-            raise TLoRAFormatError(f"network_args: {key_abs}={value} is larger than the rank {rank}; use 0..{rank}")
-        return value
-    ratio = default_ratio if key_ratio not in options else _parse_number(key_ratio, options[key_ratio], float, low=0.0, high=1.0)
-    return int(round(ratio * rank))
-
-
-def parse_network_args(network_dim, network_alpha, options: Mapping[str, object]) -> Tuple[NetworkConfig, TrainingOptions]:
-    """Turn kohya's create_network arguments into a validated config; raise on anything unknown."""
-    unknown = sorted(k for k in options if k not in ACCEPTED_OPTIONS)
-    if unknown:
-        raise TLoRAFormatError(
-            f"network_args: unknown key(s) {', '.join(unknown)} for networks.tlora; accepted: {', '.join(ACCEPTED_OPTIONS)}"
-        )
-    rank = 4 if network_dim is None else _parse_number("network_dim", network_dim, int, low=1)
-    alpha = 1.0 if network_alpha is None else _parse_number("network_alpha", network_alpha, float, low=0.0)
-    algo = _parse_choice("algo", options.get("algo", "tlora"), tuple(ALGOS))
-
-    # min_rank_ratio applies to the conv rank too, unless conv_min_rank is given
-    min_rank = _resolve_min_rank("min_rank", "min_rank_ratio", options, rank)
-    conv_rank = _parse_number("conv_dim", options.get("conv_dim"), int, low=1, optional=True)
-    conv_alpha = None
-    conv_min_rank = None
-    if conv_rank is not None:
-        conv_alpha = _parse_number("conv_alpha", options.get("conv_alpha"), float, low=0.0, optional=True)
-        conv_alpha = alpha if conv_alpha is None else conv_alpha
-        if "conv_min_rank" in options:
-            conv_min_rank = _parse_number("conv_min_rank", options["conv_min_rank"], int, low=0)
-            if conv_min_rank > conv_rank:
-                raise TLoRAFormatError(f"network_args: conv_min_rank={conv_min_rank} is larger than conv_dim {conv_rank}")
-        else:
-            conv_min_rank = int(round(min_rank / rank * conv_rank))
-    elif not _none_like(options.get("conv_alpha")) or "conv_min_rank" in options:
-        raise TLoRAFormatError("network_args: conv_alpha / conv_min_rank need conv_dim=<rank> to adapt 3x3 convolutions")
-
-    config = NetworkConfig(
-        algo=algo,
-        rank=rank,
-        alpha=alpha,
-        min_rank=min_rank,
-        conv_rank=conv_rank,
-        conv_alpha=conv_alpha,
-        conv_min_rank=conv_min_rank,
-        rank_schedule_power=_parse_number("rank_schedule_power", options.get("rank_schedule_power", 1.0), float, low=0.0, low_open=True),
-        num_train_timesteps=_parse_number("num_train_timesteps", options.get("num_train_timesteps", DEFAULT_NUM_TRAIN_TIMESTEPS), int, low=1),
-        init=_parse_choice("init", options.get("init", "last"), INITS),
-        init_source=_parse_choice("init_source", options.get("init_source", "random"), INIT_SOURCES),
-        targets=_parse_choice("targets", options.get("targets", "transformer"), TARGETS),
-        ortho_reg=_parse_number("ortho_reg", options.get("ortho_reg", 0.0), float, low=0.0),
-    )
-    if config.ortho_reg > 0 and algo != "trilora":
-        raise TLoRAFormatError(f"network_args: ortho_reg is an option of algo=trilora, not of algo={algo}")
-    config.validate()
-
-    def probability(key):
-        return _parse_number(key, options.get(key), float, low=0.0, high=1.0, optional=True)
-
-    training = TrainingOptions(
-        dropout=probability("dropout"),
-        rank_dropout=probability("rank_dropout"),
-        module_dropout=probability("module_dropout"),
-        loraplus_lr_ratio=_parse_number("loraplus_lr_ratio", options.get("loraplus_lr_ratio"), float, low=0.0, low_open=True, optional=True),
-        loraplus_unet_lr_ratio=_parse_number(
-            "loraplus_unet_lr_ratio", options.get("loraplus_unet_lr_ratio"), float, low=0.0, low_open=True, optional=True
-        ),
-        loraplus_text_encoder_lr_ratio=_parse_number(
-            "loraplus_text_encoder_lr_ratio", options.get("loraplus_text_encoder_lr_ratio"), float, low=0.0, low_open=True, optional=True
-        ),
-    )
-    for key in ("dropout", "rank_dropout", "module_dropout"):
-        if getattr(training, key) is not None and getattr(training, key) >= 1.0:
-            raise TLoRAFormatError(f"network_args: {key}={getattr(training, key)} must be below 1 (1 would drop everything)")
-    return config, training
-
-
 # ----------------------------------------------------------------------------- file reading
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -365,55 +98,71 @@ def _describe_non_safetensors(head: bytes) -> Optional[str]:
     return None
 
 
+def describe_path_kind(path: str) -> str:
+    """'a directory', 'a named pipe (FIFO)', ... for a path that exists but is not a regular file."""
+    import stat
+
+    mode = os.stat(path).st_mode
+    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
 def check_safetensors_file(path: str) -> None:
     """Validate a file's existence and safetensors framing without reading tensor data."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"LoRA file not found: {path!r}; check the path (and --network_weights / --output_dir)")
+        raise TLoRAFormatError(f"{path}: no such file; check the path (and --network_weights / --output_dir)")
     if not os.path.isfile(path):
-        raise TLoRAFormatError(f"{path!r} is a directory, not a LoRA file")
+        raise TLoRAFormatError(f"{path} is {describe_path_kind(path)}, not a LoRA file; give a .safetensors file")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(16)
-    kind = _describe_non_safetensors(head)
+    header_len = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else None
+    looks_like_safetensors = header_len is not None and head[8:9] == b"{" and header_len + 8 <= size
+    kind = None if looks_like_safetensors else _describe_non_safetensors(head)
     if kind is not None:
         raise TLoRAFormatError(
-            f"{path!r} is {kind}, not safetensors; networks.tlora loads only .safetensors (pickles can run code). "
+            f"{path} is {kind}, not safetensors; networks.tlora loads only .safetensors (pickles can run code). "
             f"Convert it in a trusted environment, e.g. with sd-scripts' --save_model_as safetensors"
         )
     if size < 8:
-        raise TLoRAFormatError(f"{path!r} is {size} bytes, too short to be a safetensors file (truncated?)")
-    (header_len,) = struct.unpack("<Q", head[:8])
+        raise TLoRAFormatError(f"{path} is {size} bytes, too short to be a safetensors file (truncated?)")
     if header_len > _MAX_HEADER_BYTES or header_len + 8 > size:
         raise TLoRAFormatError(
-            f"{path!r} is not a valid safetensors file: header length {header_len} does not fit in {size} bytes (truncated or corrupt)"
+            f"{path} is not a valid safetensors file: header length {header_len} does not fit in {size} bytes (truncated or corrupt)"
         )
-    if len(head) > 8 and head[8:9] != b"{":
-        raise TLoRAFormatError(f"{path!r} is not a valid safetensors file: the header is not JSON")
+    if head[8:9] != b"{":
+        raise TLoRAFormatError(f"{path} is not a valid safetensors file: the header is not JSON")
+
+
+def _open_safetensors(path: str, read_tensors: bool):
+    check_safetensors_file(path)
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+                raise TLoRAFormatError(f"{path}: the metadata is not a map of strings (corrupt file)")
+            tensors = {key: f.get_tensor(key) for key in f.keys()} if read_tensors else {}
+    except TLoRAFormatError:
+        raise
+    except OSError:
+        raise
+    except Exception as e:  # safetensors raises its own error types; name the file and the cause
+        raise TLoRAFormatError(f"{path} could not be read as safetensors (corrupt or truncated): {e}") from None
+    return tensors, dict(metadata)
 
 
 def read_safetensors(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """Tensors and metadata of a safetensors file, with clear errors for anything else."""
-    check_safetensors_file(path)
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as e:  # safetensors raises its own error types; name the file and the cause
-        raise TLoRAFormatError(f"{path!r} could not be read as safetensors (corrupt or truncated): {e}") from None
-    return tensors, metadata
+    return _open_safetensors(path, True)
 
 
 def read_metadata(path: str) -> Dict[str, str]:
-    check_safetensors_file(path)
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            return dict(f.metadata() or {})
-    except Exception as e:
-        raise TLoRAFormatError(f"{path!r} could not be read as safetensors (corrupt or truncated): {e}") from None
+    return _open_safetensors(path, False)[1]
 
 
 def config_from_metadata(metadata: Mapping[str, str], source: str = "file") -> Optional[NetworkConfig]:
@@ -429,7 +178,9 @@ def config_from_metadata(metadata: Mapping[str, str], source: str = "file") -> O
         raise TLoRAFormatError(
             f"{source}: format version {version_number} is newer than this networks.tlora understands ({FORMAT_VERSION}); update the project"
         )
-    return NetworkConfig.from_json(metadata[METADATA_CONFIG_KEY], source)
+    if version_number < 1:
+        raise TLoRAFormatError(f"{source}: metadata '{METADATA_VERSION_KEY}' is {version!r}; format versions start at 1")
+    return NetworkConfig.from_json(metadata[METADATA_CONFIG_KEY], source, METADATA_CONFIG_KEY)
 
 
 def split_key(key: str) -> Tuple[str, str]:
@@ -459,8 +210,13 @@ def detect_algo(layer_keys: Iterable[str]) -> str:
     return "lora"
 
 
-def validate_layer_tensors(name: str, tensors: Mapping[str, torch.Tensor], algo: str) -> int:
-    """Check one layer's tensors against `algo`'s key set and shapes; returns its rank."""
+def is_kxk(down: torch.Tensor) -> bool:
+    return down.dim() == 4 and tuple(down.shape[2:]) != (1, 1)
+
+
+def validate_layer_tensors(name: str, tensors: Mapping[str, torch.Tensor], algo: str, check_values: bool = True) -> int:
+    """Check one layer's tensors against `algo`'s key set, shapes, dtypes and (check_values)
+    finiteness; returns its rank."""
     expected = key_names(algo)
     required = {v for k, v in expected.items() if k != "alpha"}
     present = set(tensors)
@@ -470,26 +226,68 @@ def validate_layer_tensors(name: str, tensors: Mapping[str, torch.Tensor], algo:
         raise TLoRAFormatError(
             f"layer {name!r}: tensors do not match algo={algo} (missing {missing or 'none'}, unexpected {extra or 'none'})"
         )
-    down, up = tensors[expected["down"]], tensors[expected["up"]]
     for key, value in tensors.items():
         if not value.is_floating_point():
             raise TLoRAFormatError(f"layer {name!r}: {key} has dtype {value.dtype}; LoRA tensors must be floating point")
-    if down.dim() not in (2, 4) or up.dim() != down.dim():
+    down, up = tensors[expected["down"]], tensors[expected["up"]]
+    if down.dim() not in (2, 4) or up.dim() != down.dim() or min(down.shape) < 1 or min(up.shape) < 1:
         raise TLoRAFormatError(f"layer {name!r}: down {tuple(down.shape)} / up {tuple(up.shape)} are not LoRA factor shapes")
     rank = down.shape[0]
     if up.shape[1] != rank or (up.dim() == 4 and tuple(up.shape[2:]) != (1, 1)):
         raise TLoRAFormatError(f"layer {name!r}: up {tuple(up.shape)} does not match down {tuple(down.shape)} (rank {rank})")
-    if "lambda" in expected:
-        for role in ("lambda", "lambda_base"):
-            if role in expected and tuple(tensors[expected[role]].shape) != (rank,):
-                raise TLoRAFormatError(f"layer {name!r}: {expected[role]} has shape {tuple(tensors[expected[role]].shape)}, expected ({rank},)")
-        if "down_base" in expected:
-            for role, ref in (("down_base", down), ("up_base", up)):
-                if tensors[expected[role]].shape != ref.shape:
-                    raise TLoRAFormatError(f"layer {name!r}: {expected[role]} shape {tuple(tensors[expected[role]].shape)} differs from {tuple(ref.shape)}")
+    for role in ("lambda", "lambda_base"):
+        if role in expected and tuple(tensors[expected[role]].shape) != (rank,):
+            raise TLoRAFormatError(f"layer {name!r}: {expected[role]} has shape {tuple(tensors[expected[role]].shape)}, expected ({rank},)")
+    for role, ref in (("down_base", down), ("up_base", up)):
+        if role in expected and tensors[expected[role]].shape != ref.shape:
+            raise TLoRAFormatError(f"layer {name!r}: {expected[role]} shape {tuple(tensors[expected[role]].shape)} differs from {tuple(ref.shape)}")
     if "alpha" in tensors and tensors["alpha"].numel() != 1:
         raise TLoRAFormatError(f"layer {name!r}: alpha must hold one number, got shape {tuple(tensors['alpha'].shape)}")
-    return rank
+    if check_values:
+        for key, value in tensors.items():
+            if not bool(torch.isfinite(value).all()):
+                raise TLoRAFormatError(f"layer {name!r}: {key} holds NaN or infinite values; the file is broken (a diverged run?)")
+    return int(rank)
+
+
+def validate_native(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], source: str, check_values: bool = True):
+    """The one check of a LoRA file's content, used by every reader and every writer of files
+    (network, converters, importers, trainer): metadata config, layer names, per-layer tensors
+    and, for masked algos, that every denoiser layer has the rank the config states (the rank
+    schedule needs it). Plain kohya files (no config) are algo=lora.
+
+    Returns (config or None, algo, {layer name: {suffix: tensor}})."""
+    config = config_from_metadata(metadata, source)
+    layers = group_by_layer(tensors) if tensors else {}
+    if not layers:
+        raise TLoRAFormatError(f"{source}: the file holds no LoRA layers")
+    if config is None:
+        kinds = {detect_algo(keys) for keys in layers.values()}
+        if kinds != {"lora"}:
+            raise TLoRAFormatError(
+                f"{source}: svd_* factors without '{METADATA_CONFIG_KEY}' metadata: the algo and min_rank are unknown; "
+                f"pass algo=... (and min_rank=...) or bring it in with `tlora-convert import-official` / `import-lycoris` first"
+            )
+        algo = "lora"
+    else:
+        algo = config.algo
+    for name, layer_tensors in layers.items():
+        try:
+            prefix, _ = split_prefix(name)
+        except ValueError as e:
+            raise TLoRAFormatError(f"{source}: {e}") from None
+        try:
+            rank = validate_layer_tensors(name, layer_tensors, algo, check_values)
+        except TLoRAFormatError as e:
+            raise TLoRAFormatError(f"{source}: {e}") from None
+        if config is not None and config.spec.masked and prefix in ("lora_unet", "lora_transformer"):
+            expected, _, _ = config.layer_settings(is_kxk(layer_tensors[key_names(algo)["down"]]))
+            if expected is None or rank != expected:
+                raise TLoRAFormatError(
+                    f"{source}: layer {name!r} has rank {rank} but the file's config says {expected} "
+                    f"(algo={algo} needs one rank for its timestep schedule); the file was edited or is corrupt"
+                )
+    return config, algo, layers
 
 
 # ----------------------------------------------------------------------------- file writing
@@ -507,6 +305,15 @@ def build_metadata(config: Optional[NetworkConfig], extra: Optional[Mapping[str,
         metadata.setdefault("ss_network_dim", str(config.rank))
         metadata.setdefault("ss_network_alpha", str(config.alpha))
     return metadata
+
+
+def write_native(tensors: Mapping[str, torch.Tensor], path: str, config: Optional[NetworkConfig],
+                 extra_metadata: Optional[Mapping[str, str]] = None) -> None:
+    """Write a native (or, with config None, plain kohya) file: first the same validation every
+    reader applies (validate_native), then an atomic write. A file we write is a file we read."""
+    metadata = build_metadata(config, extra_metadata)
+    validate_native(tensors, metadata, path)
+    atomic_save_safetensors(tensors, path, metadata)
 
 
 def _remove_stale_temporaries(path: str, age_seconds: float = 3600.0) -> None:

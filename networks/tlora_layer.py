@@ -12,6 +12,7 @@ in how the factors start.
 """
 
 import concurrent.futures
+import dataclasses
 import math
 from typing import Dict, Optional, Tuple
 
@@ -64,7 +65,7 @@ def parse_mask_mode(mode) -> Optional[str]:
     number = text[2:] if text.startswith("t=") else text
     if number.isdigit():
         return f"t={int(number)}"
-    raise ValueError(f"mask={mode!r} is unknown; accepted: timestep (default), full, mean, t=<0..999>")
+    raise ValueError(f"mask={mode!r} is unknown; accepted: timestep (default), full, mean, t=<0..T-1> (e.g. t=500)")
 
 
 def fixed_rank_mask(mode: str, rank: int, min_rank: int, power: float = 1.0, num_train_timesteps: int = DEFAULT_NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
@@ -354,6 +355,109 @@ def dense_delta(down: torch.Tensor, up: torch.Tensor, coef: Optional[torch.Tenso
     return (up2 @ down.reshape(down.shape[0], -1)).reshape(up.shape[0], *down.shape[1:])
 
 
+@dataclasses.dataclass
+class LayerFactors:
+    """One layer's factors as plain tensors, and its change in weight space:
+
+        change = alpha/R · ( up·diag(c ⊙ m)·down − up0·diag(c0 ⊙ m)·down0 )
+
+    c = λ (ones when the algo has none), c0 = λ0; the second term exists for the Ortho forms
+    only; m is a time-independent rank mask, applied when the layer is `masked` (a denoiser
+    layer of a masked algo). The adapter module and the converters both compute the change here."""
+
+    name: str
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+    lam: Optional[torch.Tensor] = None
+    down0: Optional[torch.Tensor] = None
+    up0: Optional[torch.Tensor] = None
+    lam0: Optional[torch.Tensor] = None
+    masked: bool = False
+    min_rank: int = 0
+    power: float = 1.0
+    num_train_timesteps: int = DEFAULT_NUM_TRAIN_TIMESTEPS
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def weight_shape(self) -> Tuple[int, ...]:
+        return (int(self.up.shape[0]), *self.down.shape[1:])
+
+    @classmethod
+    def from_tensors(cls, name: str, tensors, algo: str, masked: bool = False, min_rank: Optional[int] = None,
+                     power: float = 1.0, num_train_timesteps: int = DEFAULT_NUM_TRAIN_TIMESTEPS) -> "LayerFactors":
+        """From one layer's file tensors ({key suffix: tensor}); alpha missing or 0 means scale 1."""
+        keys = key_names(algo)
+        down = tensors[keys["down"]]
+        rank = int(down.shape[0])
+        alpha = float(tensors["alpha"].float().item()) if "alpha" in tensors else 0.0
+        factors = cls(name, down, tensors[keys["up"]], alpha if alpha != 0 else float(rank))
+        if "lambda" in keys:
+            factors.lam = tensors[keys["lambda"]]
+        if "lambda_base" in keys:
+            factors.down0, factors.up0, factors.lam0 = tensors[keys["down_base"]], tensors[keys["up_base"]], tensors[keys["lambda_base"]]
+        if masked and ALGOS[algo].masked:
+            factors.masked = True
+            factors.min_rank = rank if min_rank is None else min(int(min_rank), rank)
+            factors.power = float(power)
+            factors.num_train_timesteps = int(num_train_timesteps)
+        return factors
+
+    def mask_vector(self, mode=None) -> Optional[torch.Tensor]:
+        """The fixed mask [R] (float64) of a mode (full, mean, t=<int>); None when the layer is not
+        masked or the mask keeps every rank."""
+        mode = parse_mask_mode(mode)
+        if not self.masked or mode is None or mode == "full":
+            return None
+        return fixed_rank_mask(mode, self.rank, self.min_rank, self.power, self.num_train_timesteps)
+
+    def coefficients(self, mask: Optional[torch.Tensor], dtype=torch.float64):
+        """(c ⊙ m, c0 ⊙ m) for a mask vector (None: all ranks); each None when it is all ones /
+        absent."""
+        m = None if mask is None else mask.to(dtype)
+        c = None if self.lam is None else self.lam.to(dtype)
+        if m is not None:
+            c = m if c is None else c * m
+        c0 = None
+        if self.up0 is not None:
+            c0 = self.lam0.to(dtype) if self.lam0 is not None else torch.ones(self.rank, dtype=dtype)
+            if m is not None:
+                c0 = c0 * m
+        return c, c0
+
+    def delta(self, mask: Optional[torch.Tensor] = None, dtype=torch.float64, scaled: bool = True) -> torch.Tensor:
+        """The change shaped like the layer's weight, for a mask vector (None: all ranks).
+        float64 by default: the Ortho forms subtract two nearly equal products early in training."""
+        c, c0 = self.coefficients(mask, dtype)
+        change = dense_delta(self.down.to(dtype), self.up.to(dtype), c)
+        if self.up0 is not None:
+            change = change - dense_delta(self.down0.to(dtype), self.up0.to(dtype), c0)
+        return change * self.scale if scaled else change
+
+    def factor_stack(self, mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(up [out, k], down [k, fan_in]) in float64 with up @ down = the unscaled change: k = R,
+        or 2R for the Ortho forms ([P·c, −P0·c0] and [Q; Q0]); ranks the mask turns off dropped."""
+        c, c0 = self.coefficients(mask)
+        keep = torch.ones(self.rank, dtype=torch.bool) if mask is None else mask != 0
+        if not bool(keep.any()):
+            keep[0] = True  # a rank-0 LoRA is not a file format; one zero column is exact
+        ones = torch.ones(self.rank, dtype=torch.float64)
+        up2 = self.up.double().reshape(self.up.shape[0], self.rank)
+        ups = [(up2 * (c if c is not None else ones)[None, :])[:, keep]]
+        downs = [self.down.double().reshape(self.rank, -1)[keep]]
+        if self.up0 is not None:
+            ups.append(-(self.up0.double().reshape(self.up0.shape[0], self.rank) * c0[None, :])[:, keep])
+            downs.append(self.down0.double().reshape(self.rank, -1)[keep])
+        return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+
+
 class FactorisedAdapter(torch.nn.Module):
     """One adapted Linear / Conv2d. Replaces `org_module.forward` (as sd-scripts' LoRA does);
     the wrapped module keeps its weights and the adapter adds its change."""
@@ -374,6 +478,7 @@ class FactorisedAdapter(torch.nn.Module):
         init_source: str = "random",
         ortho_sampler: Optional[OrthoSampler] = None,
         initialise: bool = True,
+        output_rows: Optional[Tuple[int, int]] = None,
     ):
         super().__init__()
         self.lora_name = lora_name
@@ -383,7 +488,17 @@ class FactorisedAdapter(torch.nn.Module):
         self.rank = rank
         self.min_rank = rank if min_rank is None else min_rank
         self.in_features, self.out_features, self.kernel_size = layer_shape(org_module)
+        # (start, count): the adapter changes only these output rows, one part of a fused layer
+        # (sd-scripts' FLUX qkv / linear1 with split_qkv); None: every row
+        self.output_rows = None if output_rows is None else (int(output_rows[0]), int(output_rows[1]))
+        if self.output_rows is not None:
+            start, count = self.output_rows
+            if start < 0 or count < 1 or start + count > self.out_features:
+                raise ValueError(f"{lora_name}: rows {start}..{start + count} are outside the layer's {self.out_features} outputs")
+            self.out_features = count
         self.is_conv = _is_conv(org_module)
+        if self.is_conv and self.output_rows is not None:
+            raise ValueError(f"{lora_name}: row parts are for Linear layers only")
         self.stride = tuple(org_module.stride) if self.is_conv else None
         self.padding = org_module.padding if self.is_conv else None
         self.dilation = tuple(org_module.dilation) if self.is_conv else None
@@ -430,7 +545,10 @@ class FactorisedAdapter(torch.nn.Module):
                     f"init ({fan_in} in, {self.out_features} out); use network_dim <= {limit}"
                 )
             if init_source == "weight":
-                p, lam, q = ortho_factors_from_weight(org_module.weight, self.rank, init)
+                weight = org_module.weight
+                if self.output_rows is not None:
+                    weight = weight[self.output_rows[0]:self.output_rows[0] + self.output_rows[1]]
+                p, lam, q = ortho_factors_from_weight(weight, self.rank, init)
             else:
                 p, lam, q = ortho_factors_random(fan_in, self.out_features, self.rank, init, ortho_sampler)
             return q.reshape(down_shape), p.reshape(up_shape), lam
@@ -544,21 +662,23 @@ class FactorisedAdapter(torch.nn.Module):
         lx = x
         if x.dtype != weight_dtype and not _autocast_enabled(x.device.type):
             lx = x.to(weight_dtype)  # e.g. a fp16 model with a fp32 network and no autocast
-        change = self.delta(lx)
-        return org_out + (change * (self.multiplier * self.scale)).to(org_out.dtype)
+        change = (self.delta(lx) * (self.multiplier * self.scale)).to(org_out.dtype)
+        if self.output_rows is not None:
+            start, count = self.output_rows
+            change = F.pad(change, (start, org_out.shape[-1] - start - count))
+        return org_out + change
+
+    def factors(self) -> LayerFactors:
+        """This layer's current factors (detached) for weight-space computations."""
+        def get(role):
+            tensor = self.factor(role)
+            return None if tensor is None else tensor.detach()
+
+        return LayerFactors(self.lora_name, get("down"), get("up"), float(self.alpha.item()), lam=get("lambda"), down0=get("down_base"),
+                            up0=get("up_base"), lam0=get("lambda_base"), masked=self.timestep_state is not None,
+                            min_rank=self.min_rank)
 
     def delta_weight(self, rank_mask_vector: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The change in weight space (float32, shaped like the wrapped weight) with a fixed
         time-independent mask vector [R] (None = all ranks), without multiplier or alpha/R."""
-        lam = self.factor("lambda")
-        mask = None if rank_mask_vector is None else rank_mask_vector.float()
-        coef = None if lam is None else lam.float()
-        if mask is not None:
-            coef = mask if coef is None else coef * mask
-        change = dense_delta(self.factor("down").float(), self.factor("up").float(), coef)
-        if self.spec.has_base:
-            coef0 = self.factor("lambda_base").float()
-            if mask is not None:
-                coef0 = coef0 * mask
-            change = change - dense_delta(self.factor("down_base").float(), self.factor("up_base").float(), coef0)
-        return change
+        return self.factors().delta(rank_mask_vector, torch.float32, scaled=False)

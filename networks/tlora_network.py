@@ -1,5 +1,7 @@
-"""The network: which layers are adapted, the U-Net timestep hook, and every method sd-scripts
-calls on a network object (REFERENCE §3), for training and for its generation scripts."""
+"""The network: which layers are adapted (as the model's family descriptor says), the
+denoiser's timestep hook, and every method sd-scripts calls on a network object (REFERENCE §3),
+for training (train_network.py, sdxl_train_network.py, flux_train_network.py) and for its
+generation scripts."""
 
 import logging
 import os
@@ -8,32 +10,20 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
+from .tlora_families import DenoiserLayout, Family, TextEncoderSlot, describe_supported, family_of_model, kohya_name
 from .tlora_format import (
     NetworkConfig,
     TLoRAFormatError,
     TrainingOptions,
-    atomic_save_safetensors,
-    build_metadata,
     group_by_layer,
     read_safetensors,
     validate_layer_tensors,
+    validate_native,
+    write_native,
 )
 from .tlora_layer import FactorisedAdapter, OrthoSampler, TimestepState, layer_shape
 
 logger = logging.getLogger(__name__)
-
-UNET_TARGET_MODULES = ("Transformer2DModel",)
-UNET_CONV_TARGET_MODULES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
-TEXT_ENCODER_TARGET_MODULES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
-# targets=attention: the paper's setting, the projections of self- and cross-attention
-ATTENTION_PROJECTIONS = tuple(f"{attn}.{proj}" for attn in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v", "to_out.0"))
-PREFIX_UNET = "lora_unet"
-PREFIX_TEXT_ENCODER = "lora_te"
-
-
-def text_encoder_prefixes(count: int) -> List[str]:
-    """kohya names: lora_te for one text encoder, lora_te1 / lora_te2 for SDXL's two."""
-    return [PREFIX_TEXT_ENCODER] if count == 1 else [f"{PREFIX_TEXT_ENCODER}{i + 1}" for i in range(count)]
 
 
 def as_module(model):
@@ -51,54 +41,84 @@ def as_list(text_encoder) -> list:
     return list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
 
 
-def find_target_layers(root, prefix: str, target_classes: Iterable[str], include_conv_kxk: bool, attention_only: bool):
-    """(kohya name, module, is kxk conv) of every Linear / Conv2d inside a target block, in
-    sd-scripts' order. Matching is by class name, never isinstance: sd-scripts' own U-Nets and
-    diffusers' share the names but not the classes."""
-    target_classes = set(target_classes)
+class Target:
+    """One layer to adapt: its kohya name, the module, whether it is a kxk convolution, whether it
+    is a denoiser layer, and (for one part of a fused layer) the output rows it covers."""
+
+    __slots__ = ("name", "module", "is_kxk", "in_denoiser", "rows")
+
+    def __init__(self, name, module, is_kxk, in_denoiser, rows=None):
+        self.name, self.module, self.is_kxk, self.in_denoiser, self.rows = name, module, is_kxk, in_denoiser, rows
+
+
+def _children_of_blocks(root, block_classes: Iterable[str]):
+    """(path of the block, block, child path inside it, child) for every Linear / Conv2d inside a
+    block of one of the given classes, each child once, in the model's order. By class name,
+    never isinstance: sd-scripts' own models and diffusers' share the names but not the classes."""
+    block_classes = set(block_classes)
     seen = set()
-    found = []
     for name, module in root.named_modules():
-        if module.__class__.__name__ not in target_classes:
+        if module.__class__.__name__ not in block_classes:
             continue
         for child_name, child in module.named_modules():
-            cls = child.__class__.__name__
-            if cls not in ("Linear", "Conv2d") or id(child) in seen:
-                continue
-            if attention_only and not child_name.endswith(ATTENTION_PROJECTIONS):
-                continue
-            is_kxk = cls == "Conv2d" and tuple(child.kernel_size) != (1, 1)
-            if is_kxk and not include_conv_kxk:
+            if child.__class__.__name__ not in ("Linear", "Conv2d") or id(child) in seen:
                 continue
             seen.add(id(child))
-            lora_name = f"{prefix}.{name}.{child_name}".replace(".", "_")
-            found.append((lora_name, child, is_kxk))
+            yield name, module, child_name, child
+
+
+def text_encoder_targets(text_encoder, slot: TextEncoderSlot) -> List[Target]:
+    found = []
+    for block_path, _, child_path, child in _children_of_blocks(as_module(text_encoder), slot.classes):
+        if child.__class__.__name__ == "Linear":
+            found.append(Target(kohya_name(slot.prefix, f"{block_path}.{child_path}"), child, False, False))
     return found
 
 
-def extract_timesteps(args, kwargs) -> Optional[torch.Tensor]:
-    """The timestep argument of a U-Net call as a 1-D tensor, or None.
+def denoiser_targets(denoiser, layout: DenoiserLayout, config: NetworkConfig, include_conv: bool, attention_only: bool) -> List[Target]:
+    """The layers of a denoiser to adapt, as its layout and the config say (targets, conv_dim,
+    FLUX block selection and split_qkv)."""
+    classes = layout.block_classes + (layout.conv_block_classes if include_conv else ())
+    found = []
+    for block_path, _, child_path, child in _children_of_blocks(denoiser, classes):
+        path = f"{block_path}.{child_path}"
+        is_kxk = child.__class__.__name__ == "Conv2d" and tuple(child.kernel_size) != (1, 1)
+        if is_kxk and not include_conv:
+            continue
+        if attention_only and not path.endswith(layout.attention_layers):
+            continue
+        if not _block_selected(layout, config, path):
+            continue
+        if config.split_qkv and layout.name == "bfl":
+            found.extend(_split_targets(path, child))
+            continue
+        found.append(Target(kohya_name(layout.prefix, path), child, is_kxk, True))
+    return found
 
-    diffusers and sd-scripts' SD1 U-Net: forward(sample, timestep, ...); sd-scripts' SDXL U-Net:
-    forward(x, timesteps=None, ...); callers pass a tensor of B values, a 0-dim tensor or a number."""
-    value = None
-    for key in ("timestep", "timesteps", "t"):
-        if kwargs.get(key) is not None:
-            value = kwargs[key]
-            break
-    else:
-        if len(args) > 1:
-            value = args[1]
-    if value is None:
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return torch.tensor([float(value)])
-    if torch.is_tensor(value):
-        value = value.detach()
-        if value.device.type == "mps":  # no float64 there; the mask is tiny
-            value = value.cpu()
-        return value.reshape(-1)
-    return None
+
+def _block_selected(layout: DenoiserLayout, config: NetworkConfig, path: str) -> bool:
+    block = layout.block_of(path + ".")
+    if block is None:
+        return True
+    kind, index = block
+    if config.train_blocks not in ("all", kind):
+        return False
+    chosen = config.train_double_block_indices if kind == "double" else config.train_single_block_indices
+    return chosen is None or index in chosen
+
+
+def _split_targets(path: str, module) -> List[Target]:
+    """split_qkv: the parts of a fused FLUX layer, each an adapter of its own rows, named as
+    diffusers names the part (lora_transformer_...), which ComfyUI and Forge map to the same
+    rows; unfused layers are one part."""
+    from .tlora_families import FLUX_DIFFUSERS, flux_bfl_to_diffusers
+
+    parts = flux_bfl_to_diffusers(path, int(module.out_features))
+    if len(parts) == 1:
+        from .tlora_families import FLUX_BFL
+
+        return [Target(kohya_name(FLUX_BFL.prefix, path), module, False, True)]
+    return [Target(kohya_name(FLUX_DIFFUSERS.prefix, part.path), module, False, True, (part.start, part.rows)) for part in parts]
 
 
 def _tensors_in(output) -> List[torch.Tensor]:
@@ -120,25 +140,28 @@ def _queue_backward_callback(fn) -> None:
 
 
 class TimestepHook:
-    """Sets the per-sample rank mask from the U-Net's own timestep argument, with no patch of
-    the host trainer.
+    """Sets the per-sample rank mask from the denoiser's own timestep argument, with no patch of
+    the host trainer. Where the argument is and how it maps to the schedule's t (t itself for
+    SD, sigma · T for flow-matching models) is the family layout's `TimestepArgument`.
 
     The pre-hook records this forward's timesteps; the post-hook clears them (so text encoders
     and bare layer calls run all ranks) and, if the output will be differentiated, registers a
-    gradient hook on it that puts this forward's timesteps back when backward reaches the U-Net.
-    Gradient checkpointing recomputes the layers only after that point, so the recomputation
-    sees the mask of the forward being differentiated even if another (no-grad) U-Net call ran
-    in between."""
+    gradient hook on it that puts this forward's timesteps back when backward reaches the
+    denoiser. Gradient checkpointing recomputes the layers only after that point, so the
+    recomputation sees the mask of the forward being differentiated even if another (no-grad)
+    denoiser call ran in between."""
 
-    def __init__(self, state: TimestepState, unet: torch.nn.Module):
+    def __init__(self, state: TimestepState, denoiser: torch.nn.Module, layout: DenoiserLayout):
         self.state = state
+        self.argument = layout.timestep
         self.handles = [
-            unet.register_forward_pre_hook(self._before, with_kwargs=True),
-            unet.register_forward_hook(self._after, with_kwargs=True),
+            denoiser.register_forward_pre_hook(self._before, with_kwargs=True),
+            denoiser.register_forward_hook(self._after, with_kwargs=True),
         ]
 
     def _before(self, module, args, kwargs):
-        self.state.set(extract_timesteps(args, kwargs))
+        values = self.argument.read(args, kwargs)
+        self.state.set(None if values is None else self.argument.schedule_t(values, self.state.num_train_timesteps))
 
     def _after(self, module, args, kwargs, output):
         snapshot = self.state.snapshot()
@@ -164,8 +187,13 @@ class TimestepHook:
 
 
 class TLoRANetwork(torch.nn.Module):
-    """Adapters for the U-Net and the text encoders, kohya style: each adapter replaces its
-    layer's forward; the network owns the shared timestep state and the hooks."""
+    """Adapters for the denoiser (U-Net / DiT) and the text encoders, kohya style: each adapter
+    replaces its layer's forward; the network owns the shared timestep state and the hooks.
+
+    What is adapted comes from the model's family descriptor (networks/tlora_families.py): its
+    denoiser layout (blocks, attention layers, kohya prefix, timestep argument) and its text
+    encoder slots. `layer_ranks` ({name: (rank, alpha)}, from a file) restricts the network to the
+    layers of that file."""
 
     def __init__(
         self,
@@ -178,63 +206,56 @@ class TLoRANetwork(torch.nn.Module):
         initialise: bool = True,
     ):
         super().__init__()
+        text_encoders = as_list(text_encoders)
+        unet = as_module(unet)
+        self.family: Optional[Family] = family_of_model(unet, text_encoders)
+        self.layout: Optional[DenoiserLayout] = self.family.layout_of_model(unet) if self.family is not None else None
+        if unet is not None and self.layout is None:
+            raise TLoRAFormatError(
+                f"networks.tlora does not know the model {type(unet).__name__} (children: "
+                f"{', '.join(n for n, _ in unet.named_children())[:200]}); supported: {describe_supported()}"
+            )
+        if self.family is not None:
+            config.options_for_family(self.family.name)
+            config.family = config.family or self.family.name
+            config.layout = config.layout or self.layout.name
         self.config = config
         self.training_options = training or TrainingOptions()
         self.multiplier = multiplier
         self.timestep_state = TimestepState(config.rank_schedule_power, config.num_train_timesteps)
         self._timestep_hook: Optional[TimestepHook] = None
         self._ortho_hook = None
+        # sd-scripts' FLUX trainer reads this attribute right after creating the network
+        self.train_t5xxl = bool(config.train_t5xxl) or (layer_ranks is not None and any(n.startswith("lora_te3_") for n in layer_ranks))
 
-        text_encoders = as_list(text_encoders)
-        unet = as_module(unet)
-        attention_only = config.targets == "attention"
-        include_conv = config.conv_rank is not None or layer_ranks is not None
-
-        candidates: List[Tuple[str, torch.nn.Module, bool, bool]] = []  # name, module, is_kxk, is_unet
-        for prefix, text_encoder in zip(text_encoder_prefixes(len(text_encoders)), text_encoders):
-            for name, module, is_kxk in find_target_layers(as_module(text_encoder), prefix, TEXT_ENCODER_TARGET_MODULES, False, False):
-                candidates.append((name, module, is_kxk, False))
-        if unet is not None:
-            unet_targets = UNET_TARGET_MODULES + (UNET_CONV_TARGET_MODULES if include_conv else ())
-            for name, module, is_kxk in find_target_layers(unet, PREFIX_UNET, unet_targets, include_conv, attention_only and layer_ranks is None):
-                candidates.append((name, module, is_kxk, True))
-
-        if layer_ranks is not None:
-            known = {name for name, *_ in candidates}
-            unmatched = sorted(set(layer_ranks) - known)
-            if unmatched:
-                raise TLoRAFormatError(
-                    f"{len(unmatched)} layer(s) of the file match no layer of this model, e.g. {unmatched[:3]}; "
-                    f"the file was trained for another model family (SD1/SD2/SDXL) or another text encoder setup"
-                )
-
+        targets = self._targets(text_encoders, unet, config, layer_ranks)
         self.text_encoder_loras: List[FactorisedAdapter] = []
         self.unet_loras: List[FactorisedAdapter] = []
         opts = self.training_options
         sampler = OrthoSampler()
         if initialise and config.spec.init == "ortho" and config.init_source == "random" and layer_ranks is None:
             shapes = []
-            for name, module, is_kxk, is_unet in candidates:
-                rank = config.layer_settings(is_kxk)[0]
+            for target in targets:
+                rank = config.layer_settings(target.is_kxk)[0]
                 if rank is not None:
-                    in_features, out_features, kernel = layer_shape(module)
+                    in_features, out_features, kernel = layer_shape(target.module)
+                    if target.rows is not None:
+                        out_features = target.rows[1]
                     shapes.append((in_features * kernel[0] * kernel[1], out_features, rank))
             sampler.prepare(shapes)  # batched draws: one QR call per shape instead of two per layer
-        for name, module, is_kxk, is_unet in candidates:
-            rank, alpha, min_rank = config.layer_settings(is_kxk)
+        for target in targets:
+            rank, alpha, min_rank = config.layer_settings(target.is_kxk)
             if layer_ranks is not None:
-                if name not in layer_ranks:
-                    continue
-                file_rank, file_alpha = layer_ranks[name]
-                if config.spec.masked and is_unet and file_rank != rank:
-                    raise TLoRAFormatError(f"layer {name!r} has rank {file_rank} in the file but its metadata says {rank}")
+                file_rank, file_alpha = layer_ranks[target.name]
+                if config.spec.masked and target.in_denoiser and file_rank != rank:
+                    raise TLoRAFormatError(f"layer {target.name!r} has rank {file_rank} in the file but its metadata says {rank}")
                 rank, alpha = file_rank, file_alpha
                 min_rank = min(min_rank if min_rank is not None else rank, rank)
             if rank is None:
                 continue
             layer = FactorisedAdapter(
-                name,
-                module,
+                target.name,
+                target.module,
                 config.algo,
                 rank,
                 alpha,
@@ -247,17 +268,55 @@ class TLoRANetwork(torch.nn.Module):
                 init_source=config.init_source,
                 ortho_sampler=sampler,
                 initialise=initialise,
+                output_rows=target.rows,
             )
-            if is_unet and config.spec.masked:
+            if target.in_denoiser and config.spec.masked:
                 layer.timestep_state = self.timestep_state
-            (self.unet_loras if is_unet else self.text_encoder_loras).append(layer)
-            self.add_module(name, layer)
+            (self.unet_loras if target.in_denoiser else self.text_encoder_loras).append(layer)
+            self.add_module(target.name, layer)
         logger.info(
-            "networks.tlora: algo=%s rank=%s alpha=%s min_rank=%s: %d text encoder and %d U-Net layers",
-            config.algo, config.rank, config.alpha, config.min_rank, len(self.text_encoder_loras), len(self.unet_loras),
+            "networks.tlora: %s, algo=%s rank=%s alpha=%s min_rank=%s: %d text encoder and %d %s layers",
+            self.family.title if self.family else "text encoders only", config.algo, config.rank, config.alpha, config.min_rank,
+            len(self.text_encoder_loras), len(self.unet_loras), "U-Net" if not (self.family and self.family.flow_matching) else "DiT",
         )
         if config.ortho_reg > 0:
             self._register_ortho_penalty()
+
+    def _targets(self, text_encoders, unet, config: NetworkConfig, layer_ranks) -> List[Target]:
+        """Every layer to adapt: the text encoders' (per the family's slots) and the denoiser's."""
+        targets: List[Target] = []
+        if text_encoders:
+            slots = self.family.text_encoder_slots(len(text_encoders)) if self.family else self._generic_slots(len(text_encoders))
+            for slot, text_encoder in zip(slots, text_encoders):
+                if text_encoder is None:
+                    continue
+                if slot.option is not None and not getattr(self, slot.option, False):
+                    continue
+                targets.extend(text_encoder_targets(text_encoder, slot))
+        if unet is not None:
+            include_conv = config.conv_rank is not None or layer_ranks is not None
+            attention_only = config.targets == "attention" and layer_ranks is None
+            selection = config if layer_ranks is None else NetworkConfig(split_qkv=config.split_qkv)
+            targets.extend(denoiser_targets(unet, self.layout, selection, include_conv, attention_only))
+        if layer_ranks is not None:
+            known = {t.name for t in targets}
+            unmatched = sorted(set(layer_ranks) - known)
+            if unmatched:
+                raise TLoRAFormatError(
+                    f"{len(unmatched)} layer(s) of the file match no layer of this model, e.g. {unmatched[:3]}; the file was "
+                    f"trained for another model family ({self.family.title if self.family else 'no denoiser given'} here) or "
+                    f"another text encoder setup"
+                )
+            targets = [t for t in targets if t.name in layer_ranks]
+        return targets
+
+    @staticmethod
+    def _generic_slots(count: int) -> List[TextEncoderSlot]:
+        """Text encoders without a denoiser (a text-encoder-only network): sd-scripts' SD names."""
+        from .tlora_families import CLIP_CLASSES
+
+        prefixes = ["lora_te"] if count == 1 else [f"lora_te{i + 1}" for i in range(count)]
+        return [TextEncoderSlot(prefix, CLIP_CLASSES) for prefix in prefixes]
 
     # ------------------------------------------------------------------ layers
 
@@ -283,9 +342,10 @@ class TLoRANetwork(torch.nn.Module):
             self.hook_unet(unet)
 
     def hook_unet(self, unet) -> None:
+        """Put the timestep hook on the denoiser (U-Net or DiT) the host will call."""
         if self._timestep_hook is not None:
             self._timestep_hook.remove()
-        self._timestep_hook = TimestepHook(self.timestep_state, as_module(unet))
+        self._timestep_hook = TimestepHook(self.timestep_state, as_module(unet), self.layout)
 
     def remove(self) -> None:
         """Undo apply_to: original forwards back, hooks removed."""
@@ -459,7 +519,8 @@ class TLoRANetwork(torch.nn.Module):
         state_dict = self.state_dict()
         if dtype is not None:
             state_dict = {k: v.detach().to("cpu", dtype=dtype) for k, v in state_dict.items()}
-        atomic_save_safetensors(state_dict, file, build_metadata(self.config, metadata))
+        # validated like any file we read: a diverged (NaN) network is refused, not written
+        write_native(state_dict, file, self.config, metadata)
 
     def check_state_dict(self, tensors: Mapping[str, torch.Tensor], source: str) -> None:
         """Refuse a state dict that does not fit this network, before anything is changed."""
@@ -487,7 +548,8 @@ class TLoRANetwork(torch.nn.Module):
                 raise TLoRAFormatError(f"{source}: {key} has dtype {value.dtype}, expected floating point")
 
     def load_weights(self, file):
-        tensors, _ = read_safetensors(file)
+        tensors, metadata = read_safetensors(file)
+        validate_native(tensors, metadata, file)
         self.check_state_dict(tensors, file)
         return self.load_state_dict(tensors, strict=False)
 
@@ -512,6 +574,9 @@ class TLoRANetwork(torch.nn.Module):
         module = layer.org_module
         weight = module.weight
         change = layer.delta_weight().to(weight.device if device is None else device) * (multiplier * layer.scale)
+        if layer.output_rows is not None:  # one part of a fused layer: its rows only
+            start, count = layer.output_rows
+            change = torch.nn.functional.pad(change, (0, 0, start, weight.shape[0] - start - count))
         merged = weight.detach().to(change.device, torch.float32) + change
         module.weight.data = merged.to(weight.device, weight.dtype if dtype is None else dtype)
 

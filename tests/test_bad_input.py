@@ -24,13 +24,13 @@ def sd1():
         ({"min_rank": "9"}, "min_rank=9 is larger than the rank 8"),
         ({"min_rank": "3.5"}, "min_rank='3.5' is not a whole number"),
         ({"min_rank": "2", "min_rank_ratio": "0.5"}, "either min_rank or min_rank_ratio"),
-        ({"min_rank_ratio": "1.5"}, "min_rank_ratio='1.5' must be <= 1.0"),
+        ({"min_rank_ratio": "1.5"}, "min_rank_ratio='1.5' must be <= 1"),
         ({"rank_schedule_power": "0"}, "rank_schedule_power='0' must be > 0"),
         ({"init": "first"}, "init='first' is unknown; accepted: last, principal, middle"),
         ({"init_source": "model"}, "init_source='model' is unknown"),
         ({"targets": "all"}, "targets='all' is unknown; accepted: transformer, attention"),
         ({"rank_dropout": "abc"}, "rank_dropout='abc' is not a number"),
-        ({"module_dropout": "1"}, "module_dropout=1.0 must be below 1"),
+        ({"module_dropout": "1"}, "module_dropout='1' must be < 1"),
         ({"ortho_reg": "0.1"}, "ortho_reg is an option of algo=trilora"),
         ({"conv_alpha": "4"}, "need conv_dim"),
         ({"verbose": "true"}, "unknown key(s) verbose"),
@@ -73,7 +73,7 @@ def saved(layout_name, tmp_path, name="net.safetensors", rank=8, algo="tlora"):
 
 
 def test_missing_file(sd1, tmp_path):
-    with pytest.raises(FileNotFoundError, match="LoRA file not found"):
+    with pytest.raises(TLoRAFormatError, match="no such file"):
         tlora.create_network_from_weights(1.0, str(tmp_path / "nope.safetensors"), None, sd1.text_encoders, sd1.unet)
 
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import networks.tlora as tlora
 from converters import ConversionError, convert_file, describe, import_lycoris, import_official
-from converters import naming
+from networks import tlora_families as naming
 from converters.diffusers import apply_tlora, remove_tlora
 from test_converters_support import (
     ALGOS,
@@ -234,7 +234,7 @@ def test_sgm_naming_roundtrip_and_tables(pipes):
     # kohya -> diffusers module paths, looked up against the real module names
     paths = {name for name, _ in pipes["sdxl"].unet.named_modules()}
     for n in names:
-        assert naming.kohya_to_diffusers_key(n)[len("unet."):] in paths, n
+        assert naming.module_path(naming.split_prefix(n)[1]) in paths, n
 
 
 def _merged_output(pipe, deltas, t):
@@ -621,7 +621,7 @@ def test_bad_inputs_write_nothing(pipes, natives, tmp_path):
         (truncated, "truncated"),
         (unknown, "algo='dora_plus' is unknown"),
         (pickle_file, "not safetensors"),
-        (str(tmp_path / "missing.safetensors"), "not found"),
+        (str(tmp_path / "missing.safetensors"), "no such file"),
     ]
     before = _listing(tmp_path)
     out = str(tmp_path / "out.safetensors")

@@ -137,7 +137,11 @@ def test_sigkill_while_saving_never_leaves_a_broken_file(tmp_path):
         versions = {"raw": -1, "net": -1}
         interrupted = 0
         kills = 0
-        for round_index in range(40):
+        # at least 40 kills, and more (up to 120) until 5 of them landed inside a save: a loaded
+        # machine makes the measured save time a poor guess of when a save is running
+        for round_index in range(120):
+            if kills >= 40 and interrupted >= 5:
+                break
             kind = "raw" if round_index % 2 == 0 else "net"
             path = path_raw if kind == "raw" else path_net
             tmp_before = {n for n in os.listdir(tmp_path) if n.startswith(".")}
@@ -166,8 +170,8 @@ def test_sigkill_while_saving_never_leaves_a_broken_file(tmp_path):
             else:
                 assert versions[kind] == -1, "a complete file disappeared"
         # the test only proves something if kills landed inside saves and saves completed
-        assert kills == 40
-        assert interrupted >= 5, f"only {interrupted} of 40 kills interrupted a save"
+        assert kills >= 40
+        assert interrupted >= 5, f"only {interrupted} of {kills} kills interrupted a save"
         assert versions["raw"] >= 1 and versions["net"] >= 1
         # a later save works despite the left-over temp files, and is complete
         atomic_save_safetensors({"a": torch.zeros(2), "b": torch.zeros(1)}, path_raw, {"version": "0"})
@@ -293,7 +297,7 @@ def test_corrupt_or_truncated_file_gives_clear_error(case, good_file, models, tm
 
 def test_missing_file_and_directory(models, tmp_path, no_hang):
     tes, unet = models
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(TLoRAFormatError, match="no such file"):
         tlora.create_network_from_weights(1.0, str(tmp_path / "nope.safetensors"), None, tes, unet)
     with pytest.raises(TLoRAFormatError, match="directory"):
         read_safetensors(str(tmp_path))

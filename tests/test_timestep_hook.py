@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import networks.tlora as tlora
-from networks.tlora_network import extract_timesteps
+from networks.tlora_families import FLUX_BFL, FLUX_DIFFUSERS, SD_UNET, SDXL_SGM
 from netutil import inputs, make_layout
 
 
@@ -35,15 +35,31 @@ def sd1_network():
     return layout, network
 
 
-def test_extract_timesteps_every_form():
+def test_timestep_argument_every_form_of_every_layout():
+    """Where each host passes the timestep (REFERENCE §3/3b) and the schedule's t it maps to."""
     x = torch.zeros(2)
-    assert extract_timesteps((x, torch.tensor([5, 7])), {}).tolist() == [5, 7]
-    assert extract_timesteps((x, torch.tensor(5)), {}).tolist() == [5]
-    assert extract_timesteps((x, 5), {}).tolist() == [5.0]
-    assert extract_timesteps((x, 999.5), {}).tolist() == [999.5]
-    assert extract_timesteps((x,), {"timestep": torch.tensor([3])}).tolist() == [3]
-    assert extract_timesteps((x,), {"timesteps": torch.tensor([4, 4])}).tolist() == [4, 4]  # sd-scripts SDXL / FLUX keyword
-    assert extract_timesteps((x,), {}) is None
+    sd = SD_UNET.timestep  # diffusers / sd-scripts SD1: forward(sample, timestep, ...)
+    assert sd.read((x, torch.tensor([5, 7])), {}).tolist() == [5, 7]
+    assert sd.read((x, torch.tensor(5)), {}).tolist() == [5]
+    assert sd.read((x, 5), {}).tolist() == [5.0]
+    assert sd.read((x, 999.5), {}).tolist() == [999.5]
+    assert sd.read((x,), {"timestep": torch.tensor([3])}).tolist() == [3]
+    assert sd.read((x,), {}) is None
+    assert sd.schedule_t(torch.tensor([5.0]), 1000).tolist() == [5.0]
+    sgm = SDXL_SGM.timestep  # sd-scripts SDXL: forward(x, timesteps=None, context=None, y=None)
+    assert sgm.read((x,), {"timesteps": torch.tensor([4, 4])}).tolist() == [4, 4]
+    assert sgm.read((x, torch.tensor([9])), {}).tolist() == [9]
+    # sd-scripts FLUX: keywords only, timesteps = sigma in [0, 1]; t = sigma * T
+    bfl = FLUX_BFL.timestep
+    sigma = torch.tensor([1.0, 0.25], dtype=torch.bfloat16)
+    assert bfl.read((), {"img": x, "timesteps": sigma, "guidance": torch.tensor([3.5])}).tolist() == [1.0, 0.25]
+    assert bfl.schedule_t(bfl.read((), {"timesteps": sigma}), 1000).tolist() == [1000.0, 250.0]
+    assert bfl.read((x, x, x, x, torch.tensor([0.5])), {}).tolist() == [0.5]  # positional, forward(img, img_ids, txt, txt_ids, timesteps, ...)
+    assert bfl.read((), {"guidance": torch.tensor([3.5])}) is None  # guidance is not a timestep
+    # diffusers FluxTransformer2DModel: forward(hidden_states, encoder_hidden_states, pooled_projections, timestep, ...)
+    flux = FLUX_DIFFUSERS.timestep
+    assert flux.read((), {"hidden_states": x, "timestep": torch.tensor([0.75])}).tolist() == [0.75]
+    assert flux.schedule_t(torch.tensor([0.75], dtype=torch.float64), 500).tolist() == [375.0]
 
 
 def test_per_sample_masks_follow_each_timestep(sd1_network):
