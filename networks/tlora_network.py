@@ -90,7 +90,7 @@ def denoiser_targets(denoiser, layout: DenoiserLayout, config: NetworkConfig, in
         if not _block_selected(layout, config, path):
             continue
         if config.split_qkv and layout.name == "bfl":
-            found.extend(_split_targets(path, child))
+            found.extend(_split_targets(path, child, attention_only))
             continue
         found.append(Target(kohya_name(layout.prefix, path), child, is_kxk, True))
     return found
@@ -107,36 +107,18 @@ def _block_selected(layout: DenoiserLayout, config: NetworkConfig, path: str) ->
     return chosen is None or index in chosen
 
 
-def _split_targets(path: str, module) -> List[Target]:
+def _split_targets(path: str, module, attention_only: bool) -> List[Target]:
     """split_qkv: the parts of a fused FLUX layer, each an adapter of its own rows, named as
     diffusers names the part (lora_transformer_...), which ComfyUI and Forge map to the same
-    rows; unfused layers are one part."""
-    from .tlora_families import FLUX_DIFFUSERS, flux_bfl_to_diffusers
+    rows; unfused layers are one part. With targets=attention the MLP part of linear1 is left out."""
+    from .tlora_families import FLUX_BFL, FLUX_DIFFUSERS, flux_bfl_to_diffusers
 
     parts = flux_bfl_to_diffusers(path, int(module.out_features))
     if len(parts) == 1:
-        from .tlora_families import FLUX_BFL
-
         return [Target(kohya_name(FLUX_BFL.prefix, path), module, False, True)]
+    if attention_only:
+        parts = [part for part in parts if part.path.endswith(FLUX_DIFFUSERS.attention_layers)]
     return [Target(kohya_name(FLUX_DIFFUSERS.prefix, part.path), module, False, True, (part.start, part.rows)) for part in parts]
-
-
-def _tensors_in(output) -> List[torch.Tensor]:
-    if torch.is_tensor(output):
-        return [output]
-    if isinstance(output, (list, tuple)):
-        return [t for item in output for t in _tensors_in(item)]
-    if isinstance(output, Mapping):
-        return [t for item in output.values() for t in _tensors_in(item)]
-    sample = getattr(output, "sample", None)
-    return [sample] if torch.is_tensor(sample) else []
-
-
-def _queue_backward_callback(fn) -> None:
-    try:
-        torch.autograd.Variable._execution_engine.queue_callback(fn)
-    except (AttributeError, RuntimeError):
-        pass
 
 
 class TimestepHook:

@@ -206,3 +206,164 @@ class SgmTinyUNet(nn.Module):
 def sgm_models(seed=0):
     torch.manual_seed(seed)
     return [tiny_clip(seed), tiny_clip(seed + 1, projection=True)], SgmTinyUNet().eval()
+
+
+# --------------------------------------------------------------------------- FLUX stand-ins
+
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim, hidden):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden)
+        self.out_layer = nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class Modulation(nn.Module):
+    def __init__(self, dim, double):
+        super().__init__()
+        self.count = 6 if double else 3
+        self.lin = nn.Linear(dim, self.count * dim)
+
+    def forward(self, vec):
+        return self.lin(F.silu(vec))[:, None, :].chunk(self.count, dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+
+def _heads(x, heads):
+    b, n, d = x.shape
+    return x.reshape(b, n, heads, d // heads).transpose(1, 2)
+
+
+def _attend(q, k, v, heads):
+    out = F.scaled_dot_product_attention(_heads(q, heads), _heads(k, heads), _heads(v, heads))
+    b, h, n, d = out.shape
+    return out.transpose(1, 2).reshape(b, n, h * d)
+
+
+class DoubleStreamBlock(nn.Module):
+    """sd-scripts' FLUX double block: its class name and child names, a simplified body."""
+
+    def __init__(self, dim, heads, mlp_ratio=4):
+        super().__init__()
+        self.heads = heads
+        for stream in ("img", "txt"):
+            setattr(self, f"{stream}_mod", Modulation(dim, True))
+            setattr(self, f"{stream}_attn", SelfAttention(dim))
+            setattr(self, f"{stream}_mlp", nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(approximate="tanh"),
+                                                        nn.Linear(mlp_ratio * dim, dim)))
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.gradient_checkpointing = False
+
+    def _forward(self, img, txt, vec):
+        i1s, i1c, i1g, i2s, i2c, i2g = self.img_mod(vec)
+        t1s, t1c, t1g, t2s, t2c, t2g = self.txt_mod(vec)
+        iq, ik, iv = self.img_attn.qkv((1 + i1c) * self.norm(img) + i1s).chunk(3, dim=-1)
+        tq, tk, tv = self.txt_attn.qkv((1 + t1c) * self.norm(txt) + t1s).chunk(3, dim=-1)
+        attn = _attend(torch.cat([tq, iq], 1), torch.cat([tk, ik], 1), torch.cat([tv, iv], 1), self.heads)
+        t_attn, i_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
+        img = img + i1g * self.img_attn.proj(i_attn)
+        img = img + i2g * self.img_mlp((1 + i2c) * self.norm(img) + i2s)
+        txt = txt + t1g * self.txt_attn.proj(t_attn)
+        txt = txt + t2g * self.txt_mlp((1 + t2c) * self.norm(txt) + t2s)
+        return img, txt
+
+    def forward(self, img, txt, vec):
+        if self.training and self.gradient_checkpointing:  # as sd-scripts: non-reentrant
+            return torch.utils.checkpoint.checkpoint(self._forward, img, txt, vec, use_reentrant=False)
+        return self._forward(img, txt, vec)
+
+
+class SingleStreamBlock(nn.Module):
+    def __init__(self, dim, heads, mlp_ratio=4):
+        super().__init__()
+        self.heads, self.dim, self.mlp = heads, dim, mlp_ratio * dim
+        self.linear1 = nn.Linear(dim, 3 * dim + self.mlp)  # rows: q, k, v, mlp
+        self.linear2 = nn.Linear(dim + self.mlp, dim)
+        self.modulation = Modulation(dim, False)
+        self.pre_norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.gradient_checkpointing = False
+
+    def _forward(self, x, vec):
+        shift, scale, gate = self.modulation(vec)
+        qkv, mlp = torch.split(self.linear1((1 + scale) * self.pre_norm(x) + shift), [3 * self.dim, self.mlp], dim=-1)
+        attn = _attend(*qkv.chunk(3, dim=-1), self.heads)
+        return x + gate * self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], -1))
+
+    def forward(self, x, vec):
+        if self.training and self.gradient_checkpointing:
+            return torch.utils.checkpoint.checkpoint(self._forward, x, vec, use_reentrant=False)
+        return self._forward(x, vec)
+
+
+class Flux(nn.Module):
+    """sd-scripts' FLUX.1 DiT (library.flux_models.Flux) in miniature: the same module names and
+    keyword-only call, timesteps = sigma in [0, 1] (embedded x1000 inside, as the real model)."""
+
+    def __init__(self, in_channels=16, hidden=32, heads=2, context=24, vec=16, depth=2, depth_single=2):
+        super().__init__()
+        self.hidden = hidden
+        self.img_in = nn.Linear(in_channels, hidden)
+        self.time_in = MLPEmbedder(32, hidden)
+        self.vector_in = MLPEmbedder(vec, hidden)
+        self.guidance_in = MLPEmbedder(32, hidden)
+        self.txt_in = nn.Linear(context, hidden)
+        self.double_blocks = nn.ModuleList([DoubleStreamBlock(hidden, heads) for _ in range(depth)])
+        self.single_blocks = nn.ModuleList([SingleStreamBlock(hidden, heads) for _ in range(depth_single)])
+        self.final_layer = nn.Linear(hidden, in_channels)
+
+    @staticmethod
+    def _embed(t, dim=32):
+        t = t.float().reshape(-1) * 1000.0
+        freqs = torch.exp(-torch.arange(dim // 2, dtype=torch.float32) * (9.21 / (dim // 2)))
+        args = t[:, None] * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], -1)
+
+    def enable_gradient_checkpointing(self):
+        for block in list(self.double_blocks) + list(self.single_blocks):
+            block.gradient_checkpointing = True
+
+    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, block_controlnet_hidden_states=None,
+                block_controlnet_single_hidden_states=None, guidance=None, txt_attention_mask=None, mod_vectors=None):
+        vec = self.time_in(self._embed(timesteps)) + self.vector_in(y)
+        if guidance is not None:
+            vec = vec + self.guidance_in(self._embed(guidance))
+        img, txt = self.img_in(img), self.txt_in(txt)
+        for block in self.double_blocks:
+            img, txt = block(img, txt, vec)
+        x = torch.cat([txt, img], 1)
+        for block in self.single_blocks:
+            x = block(x, vec)
+        return self.final_layer(x[:, txt.shape[1]:])
+
+
+def tiny_t5(seed=0, hidden=24):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=300, d_model=hidden, d_kv=8, d_ff=2 * hidden, num_layers=2, num_heads=3,
+                      feed_forward_proj="gated-gelu", relative_attention_num_buckets=8, decoder_start_token_id=0)
+    return T5EncoderModel(config).eval()
+
+
+def flux_models(seed=0):
+    """[CLIP-L, T5] and the FLUX stand-in, as sd-scripts' flux_train_network.py passes them."""
+    torch.manual_seed(seed)
+    return [tiny_clip(seed, hidden=16), tiny_t5(seed + 1)], Flux().eval()
+
+
+def flux_call(model, batch=2, sigmas=None, seed=0, tokens=4, txt_tokens=3):
+    """The keyword-only call sd-scripts makes (flux_train_network.py), with one sigma per sample."""
+    g = torch.Generator().manual_seed(seed)
+    sigmas = torch.rand(batch, generator=g) if sigmas is None else torch.as_tensor(sigmas, dtype=torch.float32)
+    return dict(img=torch.randn(batch, tokens, 16, generator=g), img_ids=torch.zeros(batch, tokens, 3),
+                txt=torch.randn(batch, txt_tokens, 24, generator=g), txt_ids=torch.zeros(batch, txt_tokens, 3), y=torch.randn(batch, 16, generator=g),
+                timesteps=sigmas, guidance=torch.full((batch,), 3.5), txt_attention_mask=None, mod_vectors=None)
