@@ -1,6 +1,7 @@
 """presets/*.toml: each parses the way sd-scripts reads --config_file, uses only argument names
 sd-scripts knows, and runs one step of train_tlora.py on the tiny random model of its family."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -11,6 +12,7 @@ import toml
 
 import train_tlora
 from networks.tlora_format import parse_network_args
+from tlora_trainer import models, options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = sorted(glob.glob(os.path.join(ROOT, "presets", "*.toml")))
@@ -97,8 +99,9 @@ def test_the_expected_presets_exist():
 
 
 def test_train_tlora_uses_sd_scripts_argument_names():
-    ours = {a.dest for a in train_tlora.build_parser()._actions} - {"help"}
-    assert ours - SD_SCRIPTS_ARGS == TRAIN_TLORA_ONLY
+    ours = {o.name for o in options.OPTIONS}
+    assert ours == {a.dest for a in options.build_parser()._actions} - {"help"}
+    assert ours - SD_SCRIPTS_ARGS == TRAIN_TLORA_ONLY == {o.name for o in options.OPTIONS if o.ours}
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=os.path.basename)
@@ -119,7 +122,7 @@ def test_preset_is_flat_sd_scripts_config(preset):
     assert config.algo in ("tlora", "trilora")
     families = [t.strip() for t in flat["metadata_tags"].split(",")]
     assert len({"sd1", "sdxl"} & set(families)) == 1
-    args = train_tlora.parse_args(["--config_file", preset])
+    args = options.parse_args(["--config_file", preset])
     for key, value in flat.items():
         expected = float(value) if key in ("network_alpha", "learning_rate") else value
         assert getattr(args, key) == expected, key
@@ -153,10 +156,14 @@ def test_preset_runs_one_step(preset, tmp_path):
     name = flat["output_name"]
     import networks.tlora as tlora
 
-    _, text_encoders, _, unet, _ = train_tlora.build_random_model(f"{family}-tiny", 0)
-    network, _ = tlora.create_network_from_weights(1.0, str(out / f"{name}.safetensors"), None, text_encoders, unet)
+    base = models.build_random_model(f"{family}-tiny", 0)
+    network, _ = tlora.create_network_from_weights(1.0, str(out / f"{name}.safetensors"), None, base.text_encoders, base.unet)
     expected, _ = parse_network_args(flat["network_dim"], flat["network_alpha"], dict(a.split("=", 1) for a in flat["network_args"]))
-    assert network.config == expected
+    # every setting the preset determines is in the file (the network module adds what it learns
+    # from the model itself, e.g. the model family)
+    stored = dataclasses.asdict(network.config)
+    assert {k: v for k, v in dataclasses.asdict(expected).items() if v is not None} == {
+        k: stored[k] for k, v in dataclasses.asdict(expected).items() if v is not None}
     assert network.unet_loras and not network.text_encoder_loras
     assert (out / f"{name}.toml").is_file()
 
