@@ -44,9 +44,40 @@ def test_ortho_factors_are_orthonormal_and_base_is_a_copy():
         assert torch.equal(layer.factor("up"), layer.factor("up_base"))
         assert torch.equal(layer.factor("lambda"), layer.factor("lambda_base"))
         assert not layer.factor("down_base").requires_grad and not layer.factor("lambda_base").requires_grad
-        # 'last' init: descending, the smallest singular values of a std 1/R Gaussian are well below its largest
         lam = layer.factor("lambda")
         assert torch.all(lam[:-1] >= lam[1:])
+
+
+@pytest.mark.parametrize("init", ["last", "principal", "middle"])
+def test_init_takes_the_named_singular_triplets_of_the_weight(init):
+    """init=last takes the R smallest singular values (and their vectors), principal the R largest,
+    middle the R around the middle: checked against torch.linalg.svd of each layer's weight."""
+    layout = make_layout("sd1")
+    rank = 4
+    net = tlora.create_network(1.0, rank, rank, None, layout.text_encoder_arg(), layout.unet, algo="ortho", init=init, init_source="weight")
+    checked = 0
+    for layer in net.unet_loras:
+        weight = layer.org_module.weight.detach().double().reshape(layer.out_features, -1)
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        n = s.numel()
+        start = {"last": n - rank, "principal": 0, "middle": (n - rank) // 2}[init]
+        lam = layer.factor("lambda").double()
+        assert torch.allclose(lam, s[start:start + rank], rtol=1e-4, atol=1e-6), (layer.lora_name, lam, s)
+        # the factors are the matching singular vectors (up to a common sign per triplet)
+        p = layer.factor("up").double().reshape(-1, rank)
+        q = layer.factor("down").double().reshape(rank, -1)
+        signs = torch.sign((p * u[:, start:start + rank]).sum(0))
+        # well separated values: the vectors are unique and float32 SVD finds them to ~1e-3
+        window = s[max(start - 1, 0):start + rank + 1]
+        if bool((window.diff().abs() > 1e-2 * s[0]).all()):
+            assert torch.allclose(p * signs, u[:, start:start + rank], atol=2e-3), layer.lora_name
+            assert torch.allclose(q * signs[:, None], vh[start:start + rank], atol=2e-3), layer.lora_name
+            checked += 1
+    assert checked >= 5
+    if init == "last":  # and they are the smallest: every other singular value is at least as large
+        layer = net.unet_loras[0]
+        s = torch.linalg.svdvals(layer.org_module.weight.detach().double().reshape(layer.out_features, -1))
+        assert float(layer.factor("lambda").max()) <= float(s[: s.numel() - rank].min()) + 1e-6
 
 
 def _ks_statistic(a, b):

@@ -54,6 +54,9 @@ def test_file_rebuilds_identical_network(layout_name, algo, tmp_path):
         metadata = f.metadata()
     config = json.loads(metadata["tlora_config"])
     assert config["algo"] == algo and config["rank"] == 8 and metadata["tlora_format_version"] == "1"
+    if algo in ("tlora", "tlora_vanilla"):
+        linear = [layer for layer in loaded.unet_loras if layer.factor("down").dim() == 2 or layer.kernel_size == (1, 1)]
+        assert config["min_rank"] == 3 and linear and all(layer.min_rank == 3 for layer in linear)  # not a default (2 or rank/2)
     assert metadata["ss_output_name"] == "x" and metadata["ss_network_dim"] == "8"
 
 

@@ -20,10 +20,16 @@ def sd_scripts_sequence(layout, algo, tmp_path, steps=3, timesteps=None, gradien
     network = tlora.create_network(1.0, 8, 4, None, layout.text_encoder_arg(), layout.unet, neuron_dropout=None, **kwargs)
     network.prepare_network(argparse.Namespace(save_model_as="safetensors"))
     network.apply_to(layout.text_encoder_arg(), layout.unet, True, True)
-    if gradient_checkpointing:
+    if gradient_checkpointing:  # sd-scripts: the U-Net checkpoints (in train mode), then the network hook
+        layout.unet.train()
+        if layout_name_of(layout) == "sgm":
+            layout.unet.set_gradient_checkpointing(True, reentrant=True)
+        else:
+            layout.unet.enable_gradient_checkpointing()
         network.enable_gradient_checkpointing()
-    groups, descriptions = network.prepare_optimizer_params_with_multiple_te_lrs([1e-3, 1e-3], 1e-3, 1e-3)
-    assert len(groups) == len(descriptions)
+    te_lrs = [1e-3, 2e-3]
+    groups, descriptions = network.prepare_optimizer_params_with_multiple_te_lrs(te_lrs, 3e-3, 4e-3)
+    check_groups(network, layout, groups, descriptions, te_lrs, 3e-3)
     optimizer = torch.optim.AdamW(groups, lr=1e-3)
     network.prepare_grad_etc(layout.text_encoder_arg(), layout.unet)
     network.on_epoch_start(layout.text_encoder_arg(), layout.unet)
@@ -44,10 +50,40 @@ def sd_scripts_sequence(layout, algo, tmp_path, steps=3, timesteps=None, gradien
         grads.append({k: None if v.grad is None else v.grad.detach().clone() for k, v in network.named_parameters()})
         optimizer.step()
         losses.append(loss.item())
-    params = list(network.get_trainable_params())
-    assert params and all(p.requires_grad for p in params)
+    # sd-scripts clips the gradients of get_trainable_params(): exactly the parameters that train
+    trained = {id(p) for group in groups for p in group["params"]}
+    assert {id(p) for p in network.get_trainable_params()} == trained
     network.save_weights(str(tmp_path / "out.safetensors"), None, {"ss_network_module": "networks.tlora"})
     return network, losses, grads, trainable_before, frozen_before
+
+
+def layout_name_of(layout):
+    return layout.name
+
+
+def check_groups(network, layout, groups, descriptions, te_lrs, unet_lr):
+    """The optimizer groups partition the network's trainable parameters: every one in exactly
+    one group, text encoder i's layers with te_lrs[i] (SD1: the first), the U-Net's with unet_lr,
+    the frozen copies in none; one description per group, as sd-scripts' logger expects."""
+    assert len(descriptions) == len(groups)
+    seen = {}
+    for group, description in zip(groups, descriptions):
+        for param in group["params"]:
+            assert id(param) not in seen, "a parameter is in two groups"
+            seen[id(param)] = (group["lr"], description)
+    expected = {}
+    te_prefixes = sorted({layer.lora_name.split("_")[1] for layer in network.text_encoder_loras})
+    for layer in network.loras:
+        if layer in network.unet_loras:
+            lr, label = unet_lr, "unet"
+        else:
+            index = te_prefixes.index(layer.lora_name.split("_")[1])
+            lr, label = te_lrs[index], "textencoder" if len(te_prefixes) == 1 else f"textencoder {index + 1}"
+        for name, param in layer.named_parameters():
+            expected[id(param)] = (lr, label)
+    assert seen == expected
+    frozen = {id(b) for b in network.buffers()}
+    assert not frozen & set(seen)
 
 
 @pytest.mark.parametrize("layout_name", ["sd1", "sgm", "sdxl"])
@@ -111,3 +147,26 @@ def test_train_unet_only_drops_text_encoder_layers(tmp_path):
     loaded, sd = tlora.create_network_from_weights(1.0, str(tmp_path / "u.safetensors"), None, layout.text_encoders, layout.unet)
     assert not loaded.text_encoder_loras and len(loaded.unet_loras) == len(network.unet_loras)
     assert all(v.dtype == torch.float16 for v in sd.values())
+
+
+@pytest.mark.parametrize("layout_name", ["sd1", "sgm"])
+def test_gradient_checkpointing_run_gives_the_same_steps(layout_name, tmp_path):
+    """The same three sd-scripts steps with the U-Net checkpointing: identical losses and
+    gradients (the recomputed layers see the mask of their own forward)."""
+    torch.manual_seed(0)
+    plain = sd_scripts_sequence(make_layout(layout_name), "tlora", tmp_path, timesteps=torch.tensor([900, 40]))
+    torch.manual_seed(0)
+    checkpointed = sd_scripts_sequence(make_layout(layout_name), "tlora", tmp_path, timesteps=torch.tensor([900, 40]),
+                                       gradient_checkpointing=True)
+    _, losses_a, grads_a, _, _ = plain
+    _, losses_b, grads_b, _, _ = checkpointed
+    assert losses_a == pytest.approx(losses_b, rel=1e-5)
+    compared = 0
+    for step_a, step_b in zip(grads_a, grads_b):
+        for key, grad in step_a.items():
+            if grad is None:
+                assert step_b[key] is None
+                continue
+            torch.testing.assert_close(step_b[key], grad, rtol=1e-4, atol=1e-7, msg=key)
+            compared += 1
+    assert compared > 30

@@ -183,3 +183,42 @@ def test_fixed_mask_modes_override_the_timestep(tmp_path):
     assert seen[3].tolist() == [formula_mask(999, 8, 2), formula_mask(0, 8, 2)]
     with pytest.raises(ValueError, match="mask='sometimes' is unknown"):
         loaded.set_fixed_mask("sometimes")
+
+
+@pytest.mark.parametrize("algo", ["tlora", "tlora_vanilla"])
+def test_batch_of_different_timesteps_equals_each_sample_alone(algo):
+    """A batch whose samples have different timesteps gives, row by row, the output (and the
+    gradient) of each sample run alone at its own timestep, with trained factors, Linear layers
+    (attention, ff) and 1x1 / 3x3 convolutions (proj_in/out, ResNet convs with conv_dim)."""
+    from netutil import randomise
+
+    layout = make_layout("sd1")
+    network = tlora.create_network(1.0, 8, 8, None, layout.text_encoder_arg(), layout.unet, algo=algo, min_rank="1", conv_dim="4")
+    randomise(network, seed=11)
+    network.apply_to(layout.text_encoder_arg(), layout.unet, False, True)
+    assert any(layer.is_conv and layer.kernel_size == (3, 3) for layer in network.unet_loras)
+    assert any(layer.is_conv and layer.kernel_size == (1, 1) for layer in network.unet_loras)
+    assert any(not layer.is_conv for layer in network.unet_loras)
+    x, ids = inputs(batch=3, seed=4)
+    timesteps = torch.tensor([999, 500, 3])
+    with torch.no_grad():
+        context = layout.encode(ids)
+    params = [p for p in network.parameters() if p.requires_grad]
+
+    batch_out = layout.call(x, timesteps, context)
+    target = torch.randn_like(batch_out)
+    per_row_loss = (batch_out - target).pow(2).flatten(1).sum(1)
+    batch_grads = torch.autograd.grad(per_row_loss.sum(), params)
+    single_grads = [torch.zeros_like(p) for p in params]
+    for row in range(3):
+        alone = layout.call(x[row:row + 1], timesteps[row:row + 1], context[row:row + 1])
+        torch.testing.assert_close(batch_out[row:row + 1].detach(), alone.detach(), rtol=1e-4, atol=1e-5)
+        loss = (alone - target[row:row + 1]).pow(2).sum()
+        for acc, g in zip(single_grads, torch.autograd.grad(loss, params, allow_unused=True)):
+            if g is not None:
+                acc += g
+    for p, got, want in zip(params, batch_grads, single_grads):  # float32 sums in another order: relative norm
+        assert float((got - want).norm()) <= 1e-4 * float(want.norm()) + 1e-7, (p.shape, float((got - want).norm()), float(want.norm()))
+    # one shared mask would give other outputs: at t=999 only min_rank ranks are active
+    shared = layout.call(x, torch.tensor([3, 3, 3]), context).detach()
+    assert not torch.allclose(shared[0], batch_out[0].detach(), atol=1e-4)
