@@ -28,6 +28,15 @@ alpha: outputs fold the source's alpha/rank scale into the factors and write alp
 """
 
 
+class _Usage(Exception):
+    """A command-line mistake argparse found; reported as one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _Usage(f"{self.prog}: {message} (see --help)")
+
+
 def _convert_args(p):
     p.add_argument("input", help="native (or kohya) LoRA .safetensors")
     p.add_argument("output", help="output .safetensors (never the input)")
@@ -45,14 +54,14 @@ def _convert_args(p):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m converters",
         description="Convert T-LoRA / Ortho-LoRA / TriLoRA files (networks.tlora) to standard LoRA files for "
         "AUTOMATIC1111, Forge, ComfyUI and diffusers, and import official T-LoRA / LyCORIS files.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command", parser_class=_Parser)
     p = sub.add_parser("info", help="describe a LoRA file", epilog="example: python -m converters info my_tlora.safetensors",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input")
@@ -102,7 +111,11 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except _Usage as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from networks.tlora_format import TLoRAFormatError
 
     from .core import ConversionError

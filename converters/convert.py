@@ -12,7 +12,7 @@ from typing import Dict, List, Mapping, Optional
 import torch
 
 from networks.tlora_families import Family, check_layers_per_block, module_path, split_prefix
-from networks.tlora_format import atomic_save_safetensors
+from networks.tlora_format import atomic_save_safetensors, with_checksum
 
 from . import layouts
 from .core import (
@@ -108,6 +108,11 @@ def _check_paths(in_path: str, out_path: str) -> None:
         raise ConversionError(f"the output {out_path!r} must end in .safetensors (only safetensors is written)")
     if os.path.isdir(out_path):
         raise ConversionError(f"the output {out_path!r} is a directory")
+    parent = os.path.dirname(os.path.abspath(out_path))
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConversionError(f"the output {out_path!r} cannot be written: {parent} is not a folder")
 
 
 def _zero_pad(c: Converted, rank: int) -> Converted:
@@ -292,7 +297,7 @@ def convert_file(
         metadata[str(key)] = value if isinstance(value, str) else json.dumps(value)
     if dry_run:
         return report
-    atomic_save_safetensors(tensors, out_path, metadata)
+    atomic_save_safetensors(tensors, out_path, with_checksum(tensors, metadata))
     report.written = True
     report.out_size = os.path.getsize(out_path)
     if model_card:

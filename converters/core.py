@@ -22,7 +22,15 @@ from networks.tlora_families import (
     is_denoiser_layer,
     split_prefix,
 )
-from networks.tlora_format import METADATA_CONFIG_KEY, NetworkConfig, TLoRAFormatError, read_safetensors, validate_native
+from networks.tlora_format import (
+    METADATA_CHECKSUM_KEY,
+    METADATA_CONFIG_KEY,
+    NetworkConfig,
+    TLoRAFormatError,
+    content_digest,
+    read_safetensors,
+    validate_native,
+)
 from networks.tlora_layer import LayerFactors, dense_delta, parse_mask_mode
 
 
@@ -101,6 +109,10 @@ def load_lora(path: str) -> LoadedLora:
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
     size = os.path.getsize(path)
     if all(_is_diffusers_key(k) for k in tensors):
+        stored = metadata.get(METADATA_CHECKSUM_KEY)
+        if stored is not None and stored != content_digest(tensors, metadata):
+            raise ConversionError(f"{path}: the content does not match its checksum ({METADATA_CHECKSUM_KEY}): the file was damaged "
+                                  f"or edited after it was written; use an intact copy")
         layers = _layers_from_diffusers(tensors, metadata, path)
         shapes = {name: tuple(layer.down.shape) for name, layer in layers.items()}
         return LoadedLora(path, "diffusers", "lora", None, layers, metadata, dtypes, size,

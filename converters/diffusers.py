@@ -20,7 +20,7 @@ import torch
 
 import networks.tlora as tlora
 from networks.tlora_families import family_of_model, layers_per_block_of, to_model_layout
-from networks.tlora_format import TLoRAFormatError, group_by_layer, read_safetensors
+from networks.tlora_format import METADATA_CHECKSUM_KEY, TLoRAFormatError, group_by_layer, read_safetensors, validate_native
 
 from .core import ConversionError, parse_mask
 
@@ -62,18 +62,20 @@ def apply_tlora(pipe, path: str, scale: float = 1.0, mask: Optional[str] = None,
     layout = family.layout_of_model(denoiser)
     encoders = _text_encoders(pipe) if text_encoders else []
     try:
-        tensors, _ = read_safetensors(path)
+        tensors, metadata = read_safetensors(path)
+        validate_native(tensors, metadata, path)  # the file as written (its checksum covers these tensors)
         layers = to_model_layout(group_by_layer(tensors), family, layout, layers_per_block_of(getattr(denoiser, "config", {})),
                                  _flux_hidden_size(denoiser))
     except (TLoRAFormatError, ValueError) as e:
         raise ConversionError(f"{path}: {e}") from None
+    metadata = {k: v for k, v in metadata.items() if k != METADATA_CHECKSUM_KEY}
     tensors = {f"{name}.{suffix}": value for name, layer in layers.items() for suffix, value in layer.items()}
     if not text_encoders:
         tensors = {k: v for k, v in tensors.items() if k.startswith(layout.prefix + "_")}
     fixed = None if mask is None else parse_mask(mask)
     try:
         network, _ = tlora.create_network_from_weights(scale, path, None, encoders, denoiser, weights_sd=tensors, for_inference=True,
-                                                       **({} if fixed is None else {"mask": fixed}))
+                                                       metadata=metadata, **({} if fixed is None else {"mask": fixed}))
     except ValueError as e:
         raise ConversionError(f"{path}: {e}") from None
     ref = next(denoiser.parameters())

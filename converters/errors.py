@@ -15,6 +15,7 @@ _OS_ERRORS = {
     errno.EFBIG: ("the file is larger than this process may write (file-size limit)", "raise the limit (ulimit -f) or write less"),
     errno.ENOENT: ("no such file or folder", "check the path"),
     errno.ENOTDIR: ("a part of the path is not a folder", "check the path"),
+    errno.EEXIST: ("a part of the path exists and is not a folder", "check the path"),
     errno.EISDIR: ("it is a folder, not a file", "give a file name"),
     errno.ENAMETOOLONG: ("the file name is too long", "choose a shorter name"),
     errno.EMFILE: ("too many open files", "close other programs or raise the limit (ulimit -n)"),

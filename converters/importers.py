@@ -109,10 +109,12 @@ def _read_official(in_path: str) -> Dict[str, torch.Tensor]:
 
         try:
             state = torch.load(in_path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise ConversionError(f"{in_path}: refused: the pickle holds objects other than tensors, which are never loaded ({str(e)[:200]})") from None
+        except pickle.UnpicklingError:
+            raise ConversionError(f"{in_path}: refused: the pickle holds objects other than tensors and plain containers, which are "
+                                  f"never loaded (no code ran); an official lora.pt holds tensors only") from None
         except (RuntimeError, EOFError, ValueError) as e:
-            raise ConversionError(f"{in_path}: not a readable PyTorch checkpoint ({str(e)[:200]})") from None
+            first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise ConversionError(f"{in_path}: not a readable PyTorch checkpoint ({first_line})") from None
         if not isinstance(state, Mapping) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
             raise ConversionError(f"{in_path}: expected a flat dict of tensors (an official T-LoRA lora.pt)")
         return dict(state)

@@ -98,9 +98,10 @@ def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weigh
 
     Returns (network, weights_sd) as sd-scripts expects; the network already holds the weights."""
     source = file if file is not None else "weights"
+    metadata = kwargs.pop("metadata", None)  # callers that changed the file's tensors (layouts) pass its checked metadata
     if weights_sd is None:
         weights_sd, metadata = read_safetensors(file)
-    else:
+    elif metadata is None:
         metadata = read_metadata(file) if file is not None else {}
     mask_mode = kwargs.pop("mask", None)  # sampling option: timestep (default) | full | mean | t=<int>
     try:

@@ -54,6 +54,9 @@ from .tlora_options import (  # noqa: F401  (re-exported: the format's readers u
 FORMAT_VERSION = 1
 METADATA_VERSION_KEY = "tlora_format_version"
 METADATA_CONFIG_KEY = "tlora_config"
+# sha256 of the tensors (names, dtypes, shapes, bytes) and of the two keys above: a file changed
+# after it was written (a flipped byte, an edited value) is refused instead of loading other numbers
+METADATA_CHECKSUM_KEY = "tlora_sha256"
 NETWORK_MODULE = "networks.tlora"
 
 # Key suffixes of one layer's tensors, by role. The layer module registers its tensors under
@@ -112,13 +115,20 @@ def describe_path_kind(path: str) -> str:
 
 def check_safetensors_file(path: str) -> None:
     """Validate a file's existence and safetensors framing without reading tensor data."""
-    if not os.path.exists(path):
-        raise TLoRAFormatError(f"{path}: no such file; check the path (and --network_weights / --output_dir)")
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        raise TLoRAFormatError(f"{path}: no such file; check the path") from None
+    except PermissionError:
+        raise TLoRAFormatError(f"{path}: permission denied (a folder on the way cannot be entered); check the permissions") from None
     if not os.path.isfile(path):
         raise TLoRAFormatError(f"{path} is {describe_path_kind(path)}, not a LoRA file; give a .safetensors file")
     size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(16)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except PermissionError:
+        raise TLoRAFormatError(f"{path}: permission denied; make the file readable or copy it somewhere readable") from None
     header_len = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else None
     looks_like_safetensors = header_len is not None and head[8:9] == b"{" and header_len + 8 <= size
     kind = None if looks_like_safetensors else _describe_non_safetensors(head)
@@ -250,6 +260,26 @@ def validate_layer_tensors(name: str, tensors: Mapping[str, torch.Tensor], algo:
     return int(rank)
 
 
+def content_digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    """sha256 over the format version, the stored config and every tensor (name, dtype, shape, bytes)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in (METADATA_VERSION_KEY, METADATA_CONFIG_KEY):
+        digest.update(f"{key}={metadata.get(key, '')}\n".encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{str(tensor.dtype)}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def with_checksum(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Dict[str, str]:
+    out = dict(metadata)
+    out[METADATA_CHECKSUM_KEY] = content_digest(tensors, out)
+    return out
+
+
 def validate_native(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], source: str, check_values: bool = True):
     """The one check of a LoRA file's content, used by every reader and every writer of files
     (network, converters, importers, trainer): metadata config, layer names, per-layer tensors
@@ -258,7 +288,10 @@ def validate_native(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
 
     Returns (config or None, algo, {layer name: {suffix: tensor}})."""
     config = config_from_metadata(metadata, source)
-    layers = group_by_layer(tensors) if tensors else {}
+    try:
+        layers = group_by_layer(tensors) if tensors else {}
+    except TLoRAFormatError as e:
+        raise TLoRAFormatError(f"{source}: {e}") from None
     if not layers:
         raise TLoRAFormatError(f"{source}: the file holds no LoRA layers")
     if config is None:
@@ -287,6 +320,12 @@ def validate_native(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
                     f"{source}: layer {name!r} has rank {rank} but the file's config says {expected} "
                     f"(algo={algo} needs one rank for its timestep schedule); the file was edited or is corrupt"
                 )
+    stored = metadata.get(METADATA_CHECKSUM_KEY)
+    if stored is not None and check_values and stored != content_digest(tensors, metadata):
+        raise TLoRAFormatError(
+            f"{source}: the content does not match its checksum ({METADATA_CHECKSUM_KEY}): the file was damaged or edited "
+            f"after it was written; use an intact copy"
+        )
     return config, algo, layers
 
 
@@ -312,8 +351,9 @@ def write_native(tensors: Mapping[str, torch.Tensor], path: str, config: Optiona
     """Write a native (or, with config None, plain kohya) file: first the same validation every
     reader applies (validate_native), then an atomic write. A file we write is a file we read."""
     metadata = build_metadata(config, extra_metadata)
+    metadata.pop(METADATA_CHECKSUM_KEY, None)  # a copied source's checksum; this file gets its own
     validate_native(tensors, metadata, path)
-    atomic_save_safetensors(tensors, path, metadata)
+    atomic_save_safetensors(tensors, path, with_checksum(tensors, metadata))
 
 
 def _remove_stale_temporaries(path: str, age_seconds: float = 3600.0) -> None:

@@ -193,7 +193,7 @@ def test_sgm_named_native_file(pipes, natives, tmp_path):
     sgm = to_sgm_by_table(tensors, TINY_SDXL_SGM)
     assert sum(k.startswith("lora_unet_input_blocks_3_1_") for k in sgm) > 0
     sgm_path = str(tmp_path / "sgm_native.safetensors")
-    save_file(sgm, sgm_path, meta)
+    save_file(sgm, sgm_path, {k: v for k, v in meta.items() if k != "tlora_sha256"})  # renamed by hand: no checksum
     ref, _ = native_outputs(pipe, native, 700)
     for mode in ("sgm", "diffusers"):
         out = str(tmp_path / f"kohya_{mode}.safetensors")
@@ -360,6 +360,28 @@ def test_mean_mask_beats_full_mask_over_t(pipes, natives, tmp_path):
     assert errors["mean"][1] < errors["full"][1]
 
 
+def test_mean_mask_is_the_fraction_of_timesteps_each_rank_is_active(pipes, natives, tmp_path):
+    """--mask mean bakes in m_i = #{t in 0..T-1 : i < r(t)} / T, counted here from the paper's r(t);
+    the mask of any single t (e.g. t=500) differs from it."""
+    native = native_file(pipes, natives, "sd1", "tlora")
+    layers, _ = native_layers(native)
+    fraction = torch.tensor([sum(1 for t in range(T) if i < r_of_t(t, RANK, MIN_RANK)) / T for i in range(RANK)], dtype=torch.float64)
+    assert not torch.allclose(fraction, mask_of_t(500, RANK, MIN_RANK))
+    out = str(tmp_path / "mean.safetensors")
+    convert_file(native, out, target="kohya", mask="mean")
+    got = load_file(out)
+    checked = 0
+    for name, t in layers.items():
+        mask = fraction if name.startswith("lora_unet") else None
+        want = formula_delta(t, mask)
+        conv = kohya_delta({k.split(".", 1)[1]: v for k, v in got.items() if k.split(".")[0] == name}).reshape(want.shape)
+        assert rel(conv, want) < 1e-6, name
+        if mask is not None:
+            assert rel(conv, formula_delta(t, mask_of_t(500, RANK, MIN_RANK))) > 1e-3  # a one-t mask would not pass
+            checked += 1
+    assert checked > 10
+
+
 def test_rank_k_error_is_discarded_energy(pipes, natives, tmp_path):
     native = native_file(pipes, natives, "sd1", "tlora")
     layers, _ = native_layers(native)
@@ -445,7 +467,7 @@ def test_apply_tlora_mask_follows_each_step(pipes, natives, tmp_path, family):
         with safe_open(native, "pt") as f:
             meta = f.metadata()
         sgm_path = str(tmp_path / "sgm.safetensors")
-        save_file(to_sgm_by_table(load_file(native), TINY_SDXL_SGM), sgm_path, meta)
+        save_file(to_sgm_by_table(load_file(native), TINY_SDXL_SGM), sgm_path, {k: v for k, v in meta.items() if k != "tlora_sha256"})
         network = apply_tlora(pipe, sgm_path, scale=1.0)
     else:
         network = apply_tlora(pipe, native, scale=1.0)
@@ -609,7 +631,7 @@ def test_bad_inputs_write_nothing(pipes, natives, tmp_path):
 
     with safe_open(native, "pt") as f:
         meta = dict(f.metadata())
-    meta_native = dict(meta)
+    meta_native = {k: v for k, v in meta.items() if k != "tlora_sha256"}  # edited below: no checksum to break
     cfg = json.loads(meta["tlora_config"])
     cfg["algo"] = "dora_plus"
     meta["tlora_config"] = json.dumps(cfg)

@@ -12,10 +12,8 @@ import hashlib
 import json
 import os
 import pickle
-import pwd
 import resource
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile
@@ -25,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from fault_helpers import mounted_tmpfs, nobody_ids, privileges_of_nobody, snapshot
 from tlora_trainer import cli, errors, models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,24 +43,6 @@ def _fresh_accelerate_state():
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def snapshot(root: str) -> dict:
-    """Every entry under root: kind, mode, size, link target and content hash (files only; a FIFO
-    is never opened)."""
-    result = {}
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = os.path.join(folder, name)
-            st = os.lstat(path)
-            entry = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode))
-            if stat.S_ISREG(st.st_mode):
-                with open(path, "rb") as f:
-                    entry += (st.st_size, hashlib.sha256(f.read()).hexdigest())
-            elif stat.S_ISLNK(st.st_mode):
-                entry += (os.readlink(path),)
-            result[os.path.relpath(path, root)] = entry
-    return result
 
 
 @dataclasses.dataclass
@@ -125,44 +106,6 @@ def case(name, **kw):
         return build
 
     return register
-
-
-def nobody_ids():
-    try:
-        entry = pwd.getpwnam("nobody")
-    except KeyError:
-        return None
-    return entry.pw_uid, entry.pw_gid
-
-
-@contextlib.contextmanager
-def privileges_of_nobody():
-    """Effective uid/gid of nobody for the block (root would ignore permission bits)."""
-    if os.geteuid() != 0:
-        yield
-        return
-    uid, gid = nobody_ids()
-    os.setegid(gid)
-    os.seteuid(uid)
-    try:
-        yield
-    finally:
-        os.seteuid(0)
-        os.setegid(0)
-
-
-@contextlib.contextmanager
-def mounted_tmpfs(path: str, options: str):
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root and mount(8); this machine has neither")
-    os.makedirs(path, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", path], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}); the disk-full and read-only cases need one")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", path], capture_output=True)
 
 
 def rehash(state_dir: str) -> None:
