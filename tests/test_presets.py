@@ -66,6 +66,17 @@ SD_SCRIPTS_ARGS = frozenset(
     """.split()
 )
 TRAIN_TLORA_ONLY = {"instance_prompt", "save_kohya", "save_diffusers"}
+# what flux_train_network.py adds to train_network.py's parser (48d368fa)
+FLUX_ARGS = frozenset(
+    """
+    ae apply_t5_attn_mask blocks_to_swap cache_text_encoder_outputs cache_text_encoder_outputs_to_disk clip_l
+    controlnet_model_name_or_path disable_mmap_load_safetensors discrete_flow_shift guidance_scale logit_mean logit_std
+    mode_scale model_prediction_type model_type sigmoid_scale split_mode t5xxl t5xxl_max_token_length text_encoder_batch_size
+    timestep_sampling weighting_scheme
+    """.split()
+)
+FLUX_PRESETS = [p for p in PRESETS if "flux" in os.path.basename(p)]
+SD_PRESETS = [p for p in PRESETS if p not in FLUX_PRESETS]
 
 
 @pytest.fixture(autouse=True)
@@ -89,13 +100,15 @@ def flat_keys(path):
 
 
 def family_of(path):
-    return "sdxl" if "sdxl" in flat_keys(path)["metadata_tags"] else "sd1"
+    tags = [t.strip() for t in flat_keys(path)["metadata_tags"].split(",")]
+    return next(t for t in ("flux", "sdxl", "sd1") if t in tags)
 
 
 def test_the_expected_presets_exist():
     names = {os.path.basename(p) for p in PRESETS}
     assert {"demo.toml", "tlora-object-sdxl.toml", "tlora-object-sd15.toml", "tlora-character-sdxl.toml",
-            "tlora-character-sd15.toml", "trilora-style-sd15.toml", "trilora-style-sdxl.toml"} <= names
+            "tlora-character-sd15.toml", "trilora-style-sd15.toml", "trilora-style-sdxl.toml", "tlora-flux-object.toml",
+            "tlora-flux-character.toml"} <= names
 
 
 def test_train_tlora_uses_sd_scripts_argument_names():
@@ -111,7 +124,8 @@ def test_preset_is_flat_sd_scripts_config(preset):
     header = text.split("[", 1)[0]
     assert text.startswith("# ") and len([l for l in header.splitlines() if l.startswith("#")]) >= 3, "a header comment saying when to use it"
     flat = flat_keys(preset)
-    assert set(flat) <= SD_SCRIPTS_ARGS, f"keys sd-scripts does not know: {set(flat) - SD_SCRIPTS_ARGS}"
+    known = SD_SCRIPTS_ARGS | (FLUX_ARGS if preset in FLUX_PRESETS else frozenset())
+    assert set(flat) <= known, f"keys sd-scripts does not know: {set(flat) - known}"
     assert not set(flat) & TRAIN_TLORA_ONLY
     assert flat["network_module"] == "networks.tlora"
     assert isinstance(flat["network_args"], list) and all(isinstance(a, str) and "=" in a for a in flat["network_args"])
@@ -119,9 +133,11 @@ def test_preset_is_flat_sd_scripts_config(preset):
     assert all(isinstance(a, str) and "=" in a for a in flat.get("optimizer_args", []))
     kwargs = dict(a.split("=", 1) for a in flat["network_args"])
     config, _ = parse_network_args(flat["network_dim"], flat["network_alpha"], kwargs)  # what sd-scripts passes
-    assert config.algo in ("tlora", "trilora")
+    assert config.algo in ("tlora", "tlora_vanilla", "trilora")
     families = [t.strip() for t in flat["metadata_tags"].split(",")]
-    assert len({"sd1", "sdxl"} & set(families)) == 1
+    assert len({"sd1", "sdxl", "flux"} & set(families)) == 1
+    if preset in FLUX_PRESETS:
+        return  # train_tlora.py does not train FLUX (see test_flux_presets)
     args = options.parse_args(["--config_file", preset])
     for key, value in flat.items():
         expected = float(value) if key in ("network_alpha", "learning_rate") else value
@@ -141,7 +157,7 @@ def test_object_sdxl_preset_has_the_papers_settings():
         k: v for k, v in flat.items() if k not in ("resolution", "metadata_tags", "output_name")}
 
 
-@pytest.mark.parametrize("preset", PRESETS, ids=os.path.basename)
+@pytest.mark.parametrize("preset", SD_PRESETS, ids=os.path.basename)
 def test_preset_runs_one_step(preset, tmp_path):
     """Everything from the preset except the model (its family's tiny random one), the data,
     the size and the step count."""
@@ -168,16 +184,47 @@ def test_preset_runs_one_step(preset, tmp_path):
     assert (out / f"{name}.toml").is_file()
 
 
+def test_flux_presets(capsys):
+    """The official FLUX recipe as the paper and the official code state it, the network each
+    preset makes on sd-scripts' FLUX layout, and a clear refusal from train_tlora.py."""
+    import networks.tlora as tlora
+    import tiny_models as tm
+    from tlora_trainer import cli
+
+    flat = flat_keys(os.path.join(ROOT, "presets", "tlora-flux-object.toml"))
+    kwargs = dict(a.split("=", 1) for a in flat["network_args"])
+    assert (kwargs["algo"], flat["network_dim"], kwargs["min_rank"]) == ("tlora_vanilla", 32, "1")  # vanilla, rank 32, min_rank 1
+    assert (flat["optimizer_type"], flat["learning_rate"], flat["lr_scheduler"]) == ("Prodigy", 1.0, "constant")
+    assert (flat["max_train_steps"], flat["resolution"], flat["mixed_precision"], flat["guidance_scale"]) == (1000, "1024,1024", "bf16", 1.0)
+    assert flat["network_alpha"] == flat["network_dim"]  # the official adapters have no alpha: scale 1
+    tes, flux = tm.flux_models()
+    net = tlora.create_network(1.0, 4, 4, None, tes, flux, **{**kwargs, "min_rank": "1"})
+    names = {layer.lora_name for layer in net.unet_loras}
+    # separate q/k/v adapters in fused layers (as the official code's), no MLP part, both output projections
+    assert "lora_transformer_transformer_blocks_0_attn_to_q" in names and "lora_transformer_single_transformer_blocks_1_attn_to_v" in names
+    assert "lora_unet_double_blocks_0_img_attn_proj" in names and "lora_unet_double_blocks_0_txt_attn_proj" in names
+    assert not any("proj_mlp" in n or "mlp" in n or "mod" in n for n in names)
+    character = flat_keys(os.path.join(ROOT, "presets", "tlora-flux-character.toml"))
+    net = tlora.create_network(1.0, 4, 4, None, tes, flux, **dict(a.split("=", 1) for a in character["network_args"]))
+    assert len(net.unet_loras) == 10 * len(flux.double_blocks) + 3 * len(flux.single_blocks)  # lora_flux's default layers
+    capsys.readouterr()  # the tiny models' creation logs
+    for preset in FLUX_PRESETS:
+        assert cli.main(["--config_file", preset, "--output_dir", "/nonexistent/out"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "flux_train_network.py" in err[0] and "trains SD 1.x/2.x and SDXL" in err[0]
+
+
 SD_SCRIPTS_DIR = os.environ.get("SD_SCRIPTS_DIR", "/work/sd-scripts")
 SD_SCRIPTS_PYTHON = os.environ.get("SD_SCRIPTS_PYTHON", "/work/sdenv/bin/python")
 SD_CHECK = r"""
 import json, os, sys
 sys.path.insert(0, os.getcwd())
-import train_network, sdxl_train_network
+import train_network, sdxl_train_network, flux_train_network
 from library import train_util
 out = {}
 for preset in sys.argv[1:]:
-    module = sdxl_train_network if "sdxl" in os.path.basename(preset) else train_network
+    name = os.path.basename(preset)
+    module = flux_train_network if "flux" in name else sdxl_train_network if "sdxl" in name else train_network
     parser = module.setup_parser()
     sys.argv = ["x", "--config_file", preset]
     args = train_util.read_config_from_file(parser.parse_args(), parser)

@@ -283,6 +283,13 @@ def _config_path(value: str) -> str:
 # ----------------------------------------------------------------------------- parse + check
 
 
+# keys of sd-scripts' flux_train_network.py that no SD trainer has: a FLUX preset given to us
+SD_SCRIPTS_FLUX_KEYS = frozenset({
+    "ae", "apply_t5_attn_mask", "blocks_to_swap", "clip_l", "discrete_flow_shift", "guidance_scale", "model_prediction_type",
+    "model_type", "t5xxl", "t5xxl_max_token_length", "timestep_sampling", "weighting_scheme", "split_mode",
+})
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command line + config file -> namespace, every value type- and range-checked.
 
@@ -297,6 +304,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         flat = read_config_file(path)
         flat.pop("config_file", None)
         unknown = [k for k in flat if k not in BY_NAME]
+        flux_keys = sorted(set(unknown) & SD_SCRIPTS_FLUX_KEYS)
+        if flux_keys:
+            raise UsageError(
+                f"{path} is a configuration for sd-scripts' flux_train_network.py (it sets {', '.join(flux_keys)}); {PROG} "
+                f"trains SD 1.x/2.x and SDXL. Train FLUX.1 with `accelerate launch flux_train_network.py --config_file {path} ...` "
+                f"(its network_module is networks.tlora)"
+            )
         if unknown:
             hints = []
             for key in unknown:
