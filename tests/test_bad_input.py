@@ -34,6 +34,17 @@ def sd1():
         ({"ortho_reg": "0.1"}, "ortho_reg is an option of algo=trilora"),
         ({"conv_alpha": "4"}, "need conv_dim"),
         ({"verbose": "true"}, "unknown key(s) verbose"),
+        ({"split_qkv": "True"}, "split_qkv is an option of flux models, and this model is sd1"),
+        ({"train_blocks": "single"}, "train_blocks is an option of flux models"),
+        ({"train_t5xxl": "True"}, "train_t5xxl is an option of flux models"),
+        ({"train_double_block_indices": "1-"}, "'1-' is not an index or a range a-b"),
+        ({"train_single_block_indices": "5-2"}, "'5-2' is not an index or a range a-b"),
+        ({"split_qkv": "maybe"}, "split_qkv='maybe' is not True or False"),
+        ({"train_blocks": "middle"}, "train_blocks='middle' is unknown; accepted: all, double, single"),
+        ({"num_train_timesteps": "0"}, "num_train_timesteps='0' must be >= 1"),
+        ({"conv_dim": "-2"}, "conv_dim='-2' must be >= 1"),
+        ({"loraplus_lr_ratio": "0"}, "loraplus_lr_ratio='0' must be > 0"),
+        ({"rank_dropout": "nan"}, "rank_dropout='nan' must be finite"),
     ],
 )
 def test_bad_network_args_name_key_value_and_accepted(sd1, kwargs, needle):
@@ -212,3 +223,50 @@ def test_stale_temporaries_of_killed_saves_are_cleaned_up(sd1, tmp_path):
     os.utime(other, (old, old))
     network.save_weights(str(tmp_path / "n.safetensors"), None, {})
     assert not stale.exists() and fresh.exists() and other.exists()
+
+
+def test_a_model_of_no_known_family_is_refused(sd1):
+    unknown = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(TLoRAFormatError, match="does not know the model Sequential.*supported: SD 1.x"):
+        tlora.create_network(1.0, 4, 4, None, None, unknown)
+
+
+def test_sd_option_on_a_flux_model_is_refused():
+    import tiny_models as tm
+
+    tes, flux = tm.flux_models()
+    with pytest.raises(TLoRAFormatError, match="conv_dim is an option of sd1/sd2/sdxl models, and this model is flux"):
+        tlora.create_network(1.0, 4, 4, None, tes, flux, conv_dim="4")
+
+
+@pytest.mark.parametrize("mask,algo,needle", [
+    ("t=5000", "tlora", "mask=t=5000 is outside 0..999"),
+    ("t=500", "lora", "mask=t=500 needs a timestep-masked file"),
+    ("half", "tlora", "mask='half' is unknown"),
+])
+def test_bad_fixed_masks_of_the_generation_scripts(sd1, tmp_path, mask, algo, needle):
+    path = saved("sd1", tmp_path, algo=algo)
+    with pytest.raises(TLoRAFormatError) as error:
+        tlora.create_network_from_weights(1.0, str(path), None, sd1.text_encoders, sd1.unet, for_inference=True, mask=mask)
+    assert needle in str(error.value)
+
+
+def test_a_file_changed_after_writing_is_refused(sd1, tmp_path):
+    path = saved("sd1", tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # one bit of the last tensor
+    path.write_bytes(bytes(data))
+    with pytest.raises(TLoRAFormatError, match="does not match its checksum"):
+        tlora.create_network_from_weights(1.0, str(path), None, sd1.text_encoders, sd1.unet)
+    network = tlora.create_network(1.0, 8, 8, None, sd1.text_encoder_arg(), sd1.unet, algo="tlora")
+    with pytest.raises(TLoRAFormatError, match="does not match its checksum"):
+        network.load_weights(str(path))
+
+
+def test_a_diverged_network_is_not_saved(sd1, tmp_path):
+    network = tlora.create_network(1.0, 8, 8, None, sd1.text_encoder_arg(), sd1.unet, algo="trilora")
+    with torch.no_grad():
+        network.unet_loras[0].factor("lambda").fill_(float("nan"))
+    with pytest.raises(TLoRAFormatError, match="NaN or infinite"):
+        network.save_weights(str(tmp_path / "nan.safetensors"), None, {})
+    assert os.listdir(tmp_path) == []

@@ -153,3 +153,14 @@ def test_attention_targets_only_adapt_attention_projections():
     sd1_layout, sd1_network = build("sd1")
     proj_in = next(l for l in sd1_network.unet_loras if l.lora_name.endswith("proj_in"))
     assert proj_in.is_conv and proj_in.factor("down").shape[2:] == (1, 1)  # SD1's 1x1 conv keeps 4-D factors
+
+
+def test_readme_network_args_table_is_the_declared_options():
+    """README's --network_args table is generated from networks/tlora_options.py."""
+    import os
+
+    from networks.tlora_options import options_markdown
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"), encoding="utf-8").read()
+    begin, end = "<!-- network_args table: python -m networks.tlora_options -->\n", "\n<!-- end of network_args table -->"
+    assert readme.split(begin, 1)[1].split(end, 1)[0] == options_markdown()
