@@ -65,7 +65,7 @@ SD_SCRIPTS_ARGS = frozenset(
     zero_terminal_snr
     """.split()
 )
-TRAIN_TLORA_ONLY = {"instance_prompt", "save_kohya", "save_diffusers"}
+TRAIN_TLORA_ONLY = {"instance_prompt", "save_kohya", "save_diffusers", "sample_compare_base"}
 # what flux_train_network.py adds to train_network.py's parser (48d368fa)
 FLUX_ARGS = frozenset(
     """

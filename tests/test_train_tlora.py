@@ -494,3 +494,26 @@ def test_sample_images_are_drawn_with_the_mask_of_each_denoising_step(tmp_path, 
     assert ddim == sorted(ddim, reverse=True) and len(set(ddim)) == 4 and ddim[0] > 500
     assert all(len(set(t)) == 1 for t in seen[:4])
     assert len(seen) == 6 and (out / "sample" / "demo-tlora_00000000.png").is_file()
+
+
+def test_sample_grid_compares_with_the_base_model(tmp_path):
+    """--sample_compare_base: a second row renders every prompt without the network, with the same
+    seeds. That row is the base model's: two runs that trained different networks agree on it and
+    differ on the first row."""
+    import numpy as np
+    from PIL import Image
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of sks toy --s 3 --d 1\na red circle --s 3 --d 2\n")
+    grids = []
+    for lr in ("1e-3", "3e-2"):
+        out = tmp_path / f"out{lr}"
+        train_tlora.run(small_run_args(out, "--max_train_steps", "2", "--learning_rate", lr, "--sample_every_n_steps", "2",
+                                       "--sample_prompts", str(prompts), "--sample_compare_base", "--pretrained_model_name_or_path",
+                                       "random:sd1-tiny"))
+        grids.append(np.asarray(Image.open(out / "sample" / "demo-tlora_00000002.png").convert("RGB")).astype(np.int16))
+    first, second = grids
+    height = first.shape[0] // 2
+    assert first.shape == second.shape and first.shape[0] == 2 * height and height >= 128  # two rows, enlarged cells
+    assert np.array_equal(first[height:], second[height:])  # the base model's row does not depend on the network
+    assert np.abs(first[:height] - second[:height]).max() > 0  # the network's row does

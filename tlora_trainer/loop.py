@@ -450,7 +450,7 @@ class Trainer:
     def sample(self, step: int) -> None:
         if not self.plan.prompts or not self.main_process:
             return
-        grid = self.sampler.render(self.network, self.accelerator.autocast)
+        grid = self.sampler.render(self.network, self.accelerator.autocast, compare_base=self.args.sample_compare_base)
         path = os.path.join(self.sample_dir, f"{self.args.output_name}_{step:08d}.png")
         save_png(grid, path)
         self.samples_written.append(path)

@@ -158,6 +158,8 @@ OPTIONS: Tuple[Option, ...] = (
     O("sample_at_first", bool, False, "also sample before training", SAMPLES),
     O("sample_prompts", str, None, "text file, one prompt a line; options --n --w --h --s --l --d as sd-scripts", SAMPLES, path=True, metavar="FILE"),
     O("sample_sampler", str, "ddim", "sampler of the sample images", SAMPLES, choices=SAMPLERS),
+    O("sample_compare_base", bool, False, "every sample grid also shows each prompt without the network, same seed (a second "
+      "row), to compare", SAMPLES, ours=True),
     O("logging_dir", str, None, "TensorBoard logs (needs the tensorboard package)", SAMPLES, metavar="FOLDER"),
     O("log_prefix", str, None, "prefix of the TensorBoard run folder", SAMPLES, metavar="TEXT"),
     O("max_token_length", int, None, "only 75 tokens are used", COMPAT, only=(75, 150, 225)),

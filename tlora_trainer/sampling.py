@@ -80,17 +80,27 @@ def make_sampling_scheduler(name: str, noise_scheduler):
     return getattr(diffusers, SCHEDULER_CLASSES[name]).from_config(noise_scheduler.config)
 
 
-def image_grid(images, columns: int = 4):
-    """One image with `columns` per row; cells as large as the largest image (sizes may differ)."""
-    from PIL import Image
+def image_grid(images, columns: int = 4, row_labels: Optional[List[str]] = None, min_cell: int = 128):
+    """One image with `columns` per row; cells as large as the largest image (sizes may differ).
+    Small images are enlarged (nearest neighbour, whole multiples) so a person can see them;
+    `row_labels` puts a caption strip at the left of each row."""
+    from PIL import Image, ImageDraw
 
     columns = max(1, min(columns, len(images)))
     rows = math.ceil(len(images) / columns)
+    factor = max(1, math.ceil(min_cell / max(1, min(min(im.width, im.height) for im in images))))
+    images = [im.resize((im.width * factor, im.height * factor), Image.NEAREST) if factor > 1 else im for im in images]
     width = max(im.width for im in images)
     height = max(im.height for im in images)
-    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    label_width = 0
+    if row_labels:
+        label_width = 8 + 7 * max(len(label) for label in row_labels)
+    grid = Image.new("RGB", (label_width + columns * width, rows * height), "white")
+    draw = ImageDraw.Draw(grid)
     for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+        grid.paste(image, (label_width + (i % columns) * width, (i // columns) * height))
+    for row, label in enumerate(row_labels or []):
+        draw.text((4, row * height + height // 2 - 6), label, fill="black")
     return grid
 
 
@@ -121,26 +131,32 @@ class Sampler:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def render(self, network, autocast) -> "object":
-        """A grid of one image per prompt. The training RNG must not notice (or a resumed run would
+    def render(self, network, autocast, compare_base: bool = False) -> "object":
+        """A grid of one image per prompt; with `compare_base` a second row of the same prompts and
+        seeds without the network. The training RNG must not notice (or a resumed run would
         differ): everything runs inside fork_rng with its own generators."""
         pipe = self._pipeline()
         vae = self.base.vae
+        rows = [("with the network", True)] + ([("base model", False)] if compare_base else [])
         images = []
         network.eval()
         vae.to(dtype=self.weight_dtype)  # the pipelines decode latents in the U-Net's dtype (SDXL's upcasts an fp16 VAE itself)
         try:
             with torch.random.fork_rng(devices=[]), torch.no_grad(), autocast():
-                for index, spec in enumerate(self.prompts):
-                    generator = torch.Generator().manual_seed(spec.seed if spec.seed is not None else self.seed + index)
-                    result = pipe(spec.prompt, negative_prompt=spec.negative or None, width=spec.width or self.width,
-                                  height=spec.height or self.height, num_inference_steps=spec.steps, guidance_scale=spec.scale,
-                                  generator=generator, output_type="pil")
-                    images.append(result.images[0])
+                for _, enabled in rows:
+                    network.set_enabled(enabled)
+                    for index, spec in enumerate(self.prompts):
+                        generator = torch.Generator().manual_seed(spec.seed if spec.seed is not None else self.seed + index)
+                        result = pipe(spec.prompt, negative_prompt=spec.negative or None, width=spec.width or self.width,
+                                      height=spec.height or self.height, num_inference_steps=spec.steps, guidance_scale=spec.scale,
+                                      generator=generator, output_type="pil")
+                        images.append(result.images[0])
         finally:
+            network.set_enabled(True)
             vae.to(dtype=torch.float32)
             network.train()
-        return image_grid(images)
+        columns = len(self.prompts) if compare_base else 4
+        return image_grid(images, columns, [label for label, _ in rows] if compare_base else None)
 
 
 def save_png(image, path: str) -> None:
