@@ -321,12 +321,19 @@ def apply_up(hidden: torch.Tensor, up: torch.Tensor, coef: Optional[torch.Tensor
 
     coef is None, [R] (shared by the batch) or [B, R] (one row per sample). For trainable
     factors the per-sample case folds the coefficients into a per-sample up matrix and uses one
-    batched matmul: autograd then keeps only `hidden` (and the small per-sample matrix) for
-    backward, as plain LoRA keeps `hidden`, instead of a second rank-sized copy of it. For the
-    frozen copy (`frozen`), nothing needs a weight gradient, so scaling `hidden` is cheaper:
-    autograd then keeps only the [B, R] coefficients."""
+    batched matmul when a sample has more positions than the layer has outputs (U-Net layers at
+    SD resolutions): autograd then keeps only `hidden` (and the per-sample matrix, smaller than a
+    second copy of `hidden`) for backward, as plain LoRA keeps `hidden`. When the layer has at
+    least as many outputs as a sample has positions (FLUX's wide qkv / MLP / modulation layers,
+    small images), the per-sample matrix [B, out, R] would be the larger and slower object, so
+    `hidden` is scaled instead, as always for the frozen copy (`frozen`), where nothing needs a
+    weight gradient and autograd then keeps only the [B, R] coefficients."""
     batch = hidden.shape[0]
-    if frozen and coef is not None:
+    scale_hidden = frozen
+    if not frozen and coef is not None and coef.dim() == 2 and coef.shape[0] > 1:
+        positions = hidden.numel() // max(1, batch * hidden.shape[1 if up.dim() == 4 else -1])
+        scale_hidden = positions <= up.shape[0]  # same math, the cheaper order (see above)
+    if scale_hidden and coef is not None:
         # scale the activations, not the weight: a scaled weight copy would be kept for backward
         coef = coef.to(hidden.dtype).reshape(-1, coef.shape[-1])  # [1 or B, R]
         if up.dim() == 4:  # 1x1 conv as a matmul: conv2d would keep its input for backward

@@ -121,6 +121,24 @@ def _split_targets(path: str, module, attention_only: bool) -> List[Target]:
     return [Target(kohya_name(FLUX_DIFFUSERS.prefix, part.path), module, False, True, (part.start, part.rows)) for part in parts]
 
 
+def _tensors_in(output) -> List[torch.Tensor]:
+    if torch.is_tensor(output):
+        return [output]
+    if isinstance(output, (list, tuple)):
+        return [t for item in output for t in _tensors_in(item)]
+    if isinstance(output, Mapping):
+        return [t for item in output.values() for t in _tensors_in(item)]
+    sample = getattr(output, "sample", None)
+    return [sample] if torch.is_tensor(sample) else []
+
+
+def _queue_backward_callback(fn) -> None:
+    try:
+        torch.autograd.Variable._execution_engine.queue_callback(fn)
+    except (AttributeError, RuntimeError):
+        pass
+
+
 class TimestepHook:
     """Sets the per-sample rank mask from the denoiser's own timestep argument, with no patch of
     the host trainer. Where the argument is and how it maps to the schedule's t (t itself for
@@ -330,8 +348,9 @@ class TLoRANetwork(torch.nn.Module):
         self._timestep_hook = TimestepHook(self.timestep_state, as_module(unet), self.layout)
 
     def remove(self) -> None:
-        """Undo apply_to: original forwards back, hooks removed."""
-        for layer in self.loras:
+        """Undo apply_to: original forwards back, hooks removed. Newest wrapper first: the parts of a
+        split_qkv layer wrap one module in a chain, each holding the previous part's forward."""
+        for layer in reversed(self.loras):
             layer.remove()
         if self._timestep_hook is not None:
             self._timestep_hook.remove()
@@ -395,18 +414,22 @@ class TLoRANetwork(torch.nn.Module):
                 descriptions.append(label + suffix)
 
         if self.text_encoder_loras:
-            prefixes = sorted({layer.lora_name.split("_")[1] for layer in self.text_encoder_loras})  # te / te1 / te2
+            prefixes = sorted({layer.lora_name.split("_")[1] for layer in self.text_encoder_loras})  # te / te1 / te2 / te3
+            # the lr list is indexed by the host's text encoder position (FLUX: te1 = CLIP-L -> [0],
+            # te3 = T5 -> [1], also when CLIP-L has no layers), as lora_flux / sdxl lora do
+            slot_prefixes = [slot.prefix.split("_")[1] for slot in self.family.text_encoders] if self.family is not None else []
+            slots = [slot_prefixes.index(p) if p in slot_prefixes else i for i, p in enumerate(prefixes)]
             if text_encoder_lr is None or (isinstance(text_encoder_lr, (list, tuple)) and len(text_encoder_lr) == 0):
                 lrs = [default_lr] * len(prefixes)
             elif isinstance(text_encoder_lr, (list, tuple)):
-                lrs = [float(text_encoder_lr[min(i, len(text_encoder_lr) - 1)]) for i in range(len(prefixes))]
+                lrs = [float(text_encoder_lr[min(i, len(text_encoder_lr) - 1)]) for i in slots]
             else:
                 lrs = [float(text_encoder_lr)] * len(prefixes)
             ratio = opts.loraplus_text_encoder_lr_ratio or opts.loraplus_lr_ratio
-            for index, (prefix, lr) in enumerate(zip(prefixes, lrs)):
+            numbered = len(prefixes) > 1 or len(slot_prefixes) > 1
+            for slot, prefix, lr in zip(slots, prefixes, lrs):
                 layers = [layer for layer in self.text_encoder_loras if layer.lora_name.split("_")[1] == prefix]
-                label = "textencoder" if len(prefixes) == 1 else f"textencoder {index + 1}"
-                add(layers, lr, ratio, label)
+                add(layers, lr, ratio, f"textencoder {slot + 1}" if numbered else "textencoder")
         if self.unet_loras:
             add(self.unet_loras, unet_lr if unet_lr is not None else default_lr, opts.loraplus_unet_lr_ratio or opts.loraplus_lr_ratio, "unet")
         return groups, descriptions

@@ -89,6 +89,8 @@ class Option:
     def parse(self, key: str, value, source: str = "network_args"):
         """The typed value of `value` (a string from sd-scripts, or a number / bool from TOML and
         Python callers); raises TLoRAFormatError naming the key, the value and what is accepted."""
+        if self.kind == "indices":  # "none" / "" select no block (as lora_flux); only a missing value means all
+            return None if value is None else parse_block_indices(key, value, source)
         if self.optional and _none_like(value):
             return None
         if self.kind == "choice":
@@ -105,8 +107,6 @@ class Option:
             if text in ("false", "0", "no"):
                 return False
             raise TLoRAFormatError(f"{source}: {key}={value!r} is not True or False")
-        if self.kind == "indices":
-            return parse_block_indices(key, value, source)
         return self._parse_number(key, value, source)
 
     def _parse_number(self, key, value, source):
