@@ -371,7 +371,9 @@ def _diffusers_metadata(loaded: LoadedLora, report: Report, converted, rank, kee
     for key in tensors:
         if key.endswith(".lora_A.weight"):
             component, _, module = key[: -len(".lora_A.weight")].partition(".")
-            targets.setdefault(component, []).append(module)
+            # PEFT matches target names as suffixes of module paths: without CLIP's `text_model.` root
+            # they fit the text encoders of transformers 4 (with the root) and 5 (without it)
+            targets.setdefault(component, []).append(module.removeprefix("text_model.") if component.startswith("text_encoder") else module)
     adapter = {}
     for component, modules in sorted(targets.items()):
         adapter[f"{component}.r"] = pad_to

@@ -97,12 +97,26 @@ class DenoiserLayout:
 
 @dataclasses.dataclass(frozen=True)
 class TextEncoderSlot:
-    """The text encoder at one index of the host's list: kohya prefix, adapted block classes and
-    the network option that must be on for it to be adapted (None: adapted by default)."""
+    """The text encoder at one index of the host's list: kohya prefix, adapted block classes, the
+    network option that must be on for it to be adapted (None: adapted by default), and the root
+    its layer names start from.
+
+    `root`: transformers 5 dropped the `text_model` wrapper of CLIPTextModel (its modules are
+    `encoder.layers.N...`, 4.x and CLIPTextModelWithProjection: `text_model.encoder.layers.N...`).
+    kohya names always carry the root (`lora_te_text_model_encoder_layers_0_...`: what sd-scripts
+    writes and A1111, ComfyUI and Forge map), whichever transformers built the model."""
 
     prefix: str
     classes: Tuple[str, ...]
     option: Optional[str] = None
+    root: Optional[str] = None
+
+    def module_path(self, text_encoder, path: str) -> str:
+        """The canonical path of a module path of this text encoder."""
+        if self.root is None or path.startswith(self.root + "."):
+            return path
+        has_root = any(name == self.root for name, _ in text_encoder.named_children())
+        return path if has_root else f"{self.root}.{path}"
 
 
 CLIP_CLASSES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
@@ -224,24 +238,24 @@ _SD_IMPL = "diffusers"
 _SGM_IMPL = "https://github.com/Stability-AI/generative-models"
 
 SD1 = Family(
-    name="sd1", title="SD 1.x", layouts=(SD_UNET,), text_encoders=(TextEncoderSlot("lora_te", CLIP_CLASSES),),
+    name="sd1", title="SD 1.x", layouts=(SD_UNET,), text_encoders=(TextEncoderSlot("lora_te", CLIP_CLASSES, root="text_model"),),
     base_model_version="sd_v1", architecture_name="stable-diffusion-v1", implementation=_SD_IMPL, resolution="512x512",
     diffusers_denoiser="unet", official_hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
 )
 SD2 = Family(
-    name="sd2", title="SD 2.x", layouts=(SD_UNET,), text_encoders=(TextEncoderSlot("lora_te", CLIP_CLASSES),),
+    name="sd2", title="SD 2.x", layouts=(SD_UNET,), text_encoders=(TextEncoderSlot("lora_te", CLIP_CLASSES, root="text_model"),),
     base_model_version="sd_v2", architecture_name="stable-diffusion-v2-512", implementation=_SD_IMPL, resolution="512x512",
     diffusers_denoiser="unet", v_architecture_name="stable-diffusion-v2-768-v", official_hub_id="stabilityai/stable-diffusion-2-1-base",
 )
 SDXL = Family(
     name="sdxl", title="SDXL", layouts=(SDXL_SGM, SD_UNET),
-    text_encoders=(TextEncoderSlot("lora_te1", CLIP_CLASSES), TextEncoderSlot("lora_te2", CLIP_CLASSES)),
+    text_encoders=(TextEncoderSlot("lora_te1", CLIP_CLASSES, root="text_model"), TextEncoderSlot("lora_te2", CLIP_CLASSES, root="text_model")),
     base_model_version="sdxl_base_v1-0", architecture_name="stable-diffusion-xl-v1-base", implementation=_SGM_IMPL,
     resolution="1024x1024", diffusers_denoiser="unet", official_hub_id="stabilityai/stable-diffusion-xl-base-1.0",
 )
 FLUX = Family(
     name="flux", title="FLUX.1", layouts=(FLUX_BFL, FLUX_DIFFUSERS),
-    text_encoders=(TextEncoderSlot("lora_te1", CLIP_CLASSES), TextEncoderSlot("lora_te3", T5_CLASSES, option="train_t5xxl")),
+    text_encoders=(TextEncoderSlot("lora_te1", CLIP_CLASSES, root="text_model"), TextEncoderSlot("lora_te3", T5_CLASSES, option="train_t5xxl")),
     base_model_version="flux1", architecture_name="flux-1-dev", implementation="https://github.com/black-forest-labs/flux",
     resolution="1024x1024", diffusers_denoiser="transformer", flow_matching=True, official_hub_id="black-forest-labs/FLUX.1-dev",
 )

@@ -68,10 +68,12 @@ def _children_of_blocks(root, block_classes: Iterable[str]):
 
 
 def text_encoder_targets(text_encoder, slot: TextEncoderSlot) -> List[Target]:
+    model = as_module(text_encoder)
     found = []
-    for block_path, _, child_path, child in _children_of_blocks(as_module(text_encoder), slot.classes):
+    for block_path, _, child_path, child in _children_of_blocks(model, slot.classes):
         if child.__class__.__name__ == "Linear":
-            found.append(Target(kohya_name(slot.prefix, f"{block_path}.{child_path}"), child, False, False))
+            path = slot.module_path(model, f"{block_path}.{child_path}")
+            found.append(Target(kohya_name(slot.prefix, path), child, False, False))
     return found
 
 
@@ -316,7 +318,7 @@ class TLoRANetwork(torch.nn.Module):
         from .tlora_families import CLIP_CLASSES
 
         prefixes = ["lora_te"] if count == 1 else [f"lora_te{i + 1}" for i in range(count)]
-        return [TextEncoderSlot(prefix, CLIP_CLASSES) for prefix in prefixes]
+        return [TextEncoderSlot(prefix, CLIP_CLASSES, root="text_model") for prefix in prefixes]
 
     # ------------------------------------------------------------------ layers
 

@@ -91,19 +91,15 @@ def lora_flux_dit_names(depth=DEPTH, single=SINGLE, blocks="all", double_indices
     return sorted(names)
 
 
-def lora_flux_te_names(clip_layers=2, t5_layers=2, t5=False, clip_root="text_model_") -> List[str]:
-    """lora_flux names a CLIP layer by its module path; transformers < 5 (sd-scripts' pin) has the
-    `text_model.` wrapper (clip_root), transformers >= 5 does not (see clip_root_of)."""
-    names = [f"lora_te1_{clip_root}encoder_layers_{l}_{leaf}" for l in range(clip_layers)
+def lora_flux_te_names(clip_layers=2, t5_layers=2, t5=False) -> List[str]:
+    """lora_flux names a CLIP layer by its module path under transformers 4.x (sd-scripts' pin),
+    which has the `text_model.` wrapper; files keep those names under every transformers."""
+    names = [f"lora_te1_text_model_encoder_layers_{l}_{leaf}" for l in range(clip_layers)
              for leaf in ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2")]
     if t5:
         names += [f"lora_te3_encoder_block_{l}_layer_0_SelfAttention_{p}" for l in range(t5_layers) for p in "qkvo"]
         names += [f"lora_te3_encoder_block_{l}_layer_1_DenseReluDense_{p}" for l in range(t5_layers) for p in ("wi_0", "wi_1", "wo")]
     return sorted(names)
-
-
-def clip_root_of(clip) -> str:
-    return "text_model_" if hasattr(clip, "text_model") else ""
 
 
 def randomise(network, seed=0, scale=0.1):

@@ -286,7 +286,9 @@ def test_dynamic_rank_files_load_in_diffusers(pipes, natives, tmp_path):
             pipe.unload_lora_weights()
         if target == "kohya":  # text encoders: diffusers' output vs the file's factors merged (formula)
             for te_prefix, te in (("lora_te1_", pipe.text_encoder), ("lora_te2_", pipe.text_encoder_2)):
-                te_paths = {te_prefix + n.replace(".", "_"): n for n, _ in te.named_modules()}
+                # kohya names carry CLIP's text_model root, which transformers 5 dropped from CLIPTextModel
+                root = "" if hasattr(te, "text_model") else "text_model_"
+                te_paths = {te_prefix + root + n.replace(".", "_"): n for n, _ in te.named_modules()}
                 te_deltas = {te_paths[n]: kohya_delta({k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".")[0] == n})
                              for n in {k.split(".")[0] for k in tensors if k.startswith(te_prefix)}}
                 te_ranks = {tensors[f"{n}.lora_down.weight"].shape[0] for n in {k.split(".")[0] for k in tensors if k.startswith(te_prefix)}}

@@ -67,6 +67,8 @@ def kohya_merge(layout, path):
         ("lora_te" if len(layout.text_encoders) == 1 else f"lora_te{i + 1}", te) for i, te in enumerate(layout.text_encoders)
     ]:
         for name, module in root.named_modules():
+            if root_prefix.startswith("lora_te") and not hasattr(root, "text_model"):
+                name = f"text_model.{name}"  # a kohya loader's CLIP names: transformers 5 dropped this wrapper
             modules[f"{root_prefix}_{name}".replace(".", "_")] = module
     tensors = load_file(str(path))
     names = {k.split(".")[0] for k in tensors}
@@ -120,3 +122,14 @@ def test_plain_kohya_file_without_metadata_loads_as_lora(tmp_path):
         expected = tensors[f"{name}.lora_up.weight"] @ tensors[f"{name}.lora_down.weight"]
         torch.testing.assert_close(layer.delta_weight(), expected)
         assert layer.scale == pytest.approx(1.0 / layer.rank) and layer.multiplier == 0.5
+
+
+def test_text_encoder_layers_have_sd_scripts_names_under_every_transformers():
+    """kohya names of CLIP layers carry `text_model` (what sd-scripts writes and A1111, ComfyUI and
+    Forge map), also where transformers 5 builds CLIPTextModel without that wrapper."""
+    layout = make_layout("sd1")
+    network = tlora.create_network(1.0, 4, 4, None, layout.text_encoder_arg(), layout.unet, algo="lora")
+    names = [layer.lora_name for layer in network.text_encoder_loras]
+    expected = {f"lora_te_text_model_encoder_layers_{i}_{leaf}" for i in range(2)
+                for leaf in ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2")}
+    assert set(names) == expected

@@ -87,7 +87,8 @@ def test_demo_command_end_to_end(tmp_path):
     grids = sorted((out / "sample").iterdir())
     assert [g.name for g in grids] == ["demo-tlora_00000030.png", "demo-tlora_00000060.png"]
     with Image.open(grids[-1]) as grid:
-        assert grid.size == (4 * 64, 64)  # four prompts of 64 px in one row
+        # four prompts of 64 px in one row, each cell enlarged by a whole factor to at least 128 px
+        assert grid.size == (4 * 128, 128)
     # the resolved config is itself a valid config: parsing it gives the same settings
     args = options.parse_args(["--config_file", str(config)])
     assert args.network_args == ["algo=tlora", "min_rank=4", "targets=attention"] and args.max_train_steps == 60
