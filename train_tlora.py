@@ -2,7 +2,7 @@
 """train_tlora.py: train T-LoRA / Ortho-LoRA / TriLoRA / LoRA with diffusers + accelerate, using
 the sd-scripts network module `networks.tlora`; sd-scripts' argument names and config files.
 
-    python train_tlora.py --config_file presets/demo.toml          # no downloads, ~1 minute on CPU
+    python train_tlora.py --config_file presets/demo.toml          # no downloads, ~4 minutes on a 2-core CPU
     accelerate launch train_tlora.py --config_file presets/tlora-object-sdxl.toml \\
         --pretrained_model_name_or_path /models/sdxl-base --train_data_dir data/dog.png \\
         --instance_prompt "a photo of sks dog" --output_dir out

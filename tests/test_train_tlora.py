@@ -16,7 +16,7 @@ from tlora_trainer import data, errors, loop, models, options, sampling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE_DIR = os.path.join(ROOT, "examples", "sks_toy")
-DEMO = os.path.join(ROOT, "presets", "demo.toml")
+DEMO = os.path.join(ROOT, "presets", "demo-random.toml")
 
 
 @pytest.fixture(autouse=True)

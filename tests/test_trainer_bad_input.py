@@ -27,7 +27,7 @@ from fault_helpers import mounted_tmpfs, nobody_ids, privileges_of_nobody, snaps
 from tlora_trainer import cli, errors, models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "presets", "demo.toml")
+DEMO = os.path.join(ROOT, "presets", "demo-random.toml")
 EXAMPLE_DIR = os.path.join(ROOT, "examples", "sks_toy")
 SDXL_PRESET = os.path.join(ROOT, "presets", "tlora-object-sdxl.toml")
 RUN = ["--max_train_steps", "3", "--save_every_n_steps", "1", "--sample_every_n_steps", "1000"]

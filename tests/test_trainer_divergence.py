@@ -15,7 +15,7 @@ from networks.tlora_format import read_safetensors
 from tlora_trainer import cli, errors, loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "presets", "demo.toml")
+DEMO = os.path.join(ROOT, "presets", "demo-random.toml")
 RUN = ["--max_train_steps", "8", "--save_every_n_steps", "2", "--network_dropout", "0.1"]
 
 

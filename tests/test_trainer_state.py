@@ -18,7 +18,7 @@ from safetensors import safe_open
 from tlora_trainer import checkpoints, cli, errors, options, sampling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "presets", "demo.toml")
+DEMO = os.path.join(ROOT, "presets", "demo-random.toml")
 
 
 @pytest.fixture(autouse=True)

@@ -58,7 +58,7 @@ def inspect_model(path: Optional[str]) -> ModelInfo:
     if kind == "missing":
         raise UsageError(
             f"base model {path} not found. train_tlora.py never downloads: give a local diffusers folder or a "
-            f"single-file checkpoint (or random:sd1-tiny for the demo)"
+            f"single-file checkpoint (or random:sd1-tiny for a random-weight test model)"
         )
     if kind == "a folder":
         return ModelInfo(_diffusers_folder_family(path), "diffusers")

@@ -99,7 +99,7 @@ LR_OR_ZERO = Range(0, 10)
 OPTIONS: Tuple[Option, ...] = (
     O("config_file", str, None, "TOML read as sd-scripts does: every table's keys are argument names; the command line overrides it", MODEL, metavar="TOML"),
     O("pretrained_model_name_or_path", str, None,
-      "local diffusers folder, single-file checkpoint (.safetensors/.ckpt), or random:sd1-tiny / random:sdxl-tiny (random weights, for the demo)",
+      "local diffusers folder, single-file checkpoint (.safetensors/.ckpt), or random:sd1-tiny / random:sdxl-tiny (random weights, for tests)",
       MODEL, path=True, metavar="MODEL"),
     O("v2", bool, False, "accepted for sd-scripts compatibility; SD 2.x is detected from the model", MODEL),
     O("v_parameterization", bool, False, "train with v-prediction (SD 2.x 768-v models)", MODEL),
@@ -174,7 +174,7 @@ BY_NAME: Dict[str, Option] = {o.name: o for o in OPTIONS}
 GROUPS = (MODEL, NETWORK, OPTIM, SPEED, OUTPUT, SAMPLES, COMPAT)
 
 EXAMPLES = """examples:
-  python train_tlora.py --config_file presets/demo.toml            # no downloads, about a minute on a CPU
+  python train_tlora.py --config_file presets/demo.toml            # no downloads, about four minutes on a CPU
   accelerate launch train_tlora.py --config_file presets/tlora-object-sdxl.toml \\
       --pretrained_model_name_or_path /models/sdxl-base --train_data_dir photos/dog.jpg \\
       --instance_prompt "a photo of sks dog" --output_dir out/dog
@@ -349,7 +349,7 @@ def _given_on_command_line(argv: Sequence[str]) -> set:
 
 def _resolve_preset_paths(args, values, from_cli) -> None:
     """Paths in a config file that do not exist relative to the working directory are also looked
-    up beside train_tlora.py, so the demo preset runs from any folder."""
+    up beside train_tlora.py, so the demo presets run from any folder."""
     for option in OPTIONS:
         value = getattr(args, option.name)
         if not option.path or option.name not in values or option.name in from_cli or not isinstance(value, str):
