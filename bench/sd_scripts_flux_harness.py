@@ -458,18 +458,10 @@ def sd_scripts_argv(h, ckpt, data_dir, tok_cache, out_dir, work):
         "--t5xxl_max_token_length", str(h.t5_max_len),
         "--sdpa",
     ]
-    if not h.no_cache_latents:
-        argv.append("--cache_latents")
-    if h.cache_te:
-        argv.append("--cache_text_encoder_outputs")
-    if h.unet_only:
-        argv.append("--network_train_unet_only")
-    if h.gradient_checkpointing:
-        argv.append("--gradient_checkpointing")
-    if h.cpu_offload_checkpointing:
-        argv.append("--cpu_offload_checkpointing")
-    if h.fp8_base:
-        argv.append("--fp8_base")
+    switches = {"--cache_latents": not h.no_cache_latents, "--cache_text_encoder_outputs": h.cache_te,
+                "--network_train_unet_only": h.unet_only, "--gradient_checkpointing": h.gradient_checkpointing,
+                "--cpu_offload_checkpointing": h.cpu_offload_checkpointing, "--fp8_base": h.fp8_base}
+    argv += [flag for flag, on in switches.items() if on]
     if h.blocks_to_swap:
         argv += ["--blocks_to_swap", str(h.blocks_to_swap)]
     if h.apply_t5_attn_mask:
@@ -624,27 +616,14 @@ def main(argv=None):
     if os.path.isdir(samples):
         result["sample_images"] = sorted(os.path.join(samples, f) for f in os.listdir(samples))
     result["status"] = status
-    try:
-        import resource
-
-        result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)
-    except Exception:
-        pass
-
-    js = json.dumps(result, default=str)
-    with open(os.path.join(work, "result.json"), "w") as f:
-        f.write(js)
-    if h.json_out:
-        with open(h.json_out, "w") as f:
-            f.write(js)
+    base.record_peak_rss(result)
     short = {k: result.get(k) for k in ("status", "flux_size", "network_module", "network_args", "mixed_precision",
                                         "gradient_checkpointing", "fp8_base", "blocks_to_swap", "step_seconds",
                                         "mean_step_seconds_excl_first", "step_cpu_seconds",
                                         "mean_step_cpu_seconds_excl_first", "trainable_params", "peak_rss_gb")}
     short["saved_file"] = (result.get("saved_file") or {}).get("file")
     short["error_tail"] = result.get("error", "").strip().splitlines()[-1:] if result.get("error") else None
-    print("HARNESS_SUMMARY " + json.dumps(short), flush=True)
-    print("HARNESS_RESULT " + js, flush=True)
+    base.publish(result, short, work, h.json_out)
     return 0 if status == "ok" else 1
 
 

@@ -577,19 +577,7 @@ def main(argv=None):
         if isinstance(e, KeyboardInterrupt):
             raise
     result["status"] = status
-    try:
-        import resource
-
-        result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)
-    except Exception:
-        pass
-
-    js = json.dumps(result, default=str)
-    with open(os.path.join(work, "result.json"), "w") as f:
-        f.write(js)
-    if h.json_out:
-        with open(h.json_out, "w") as f:
-            f.write(js)
+    record_peak_rss(result)
     short = {k: result.get(k) for k in ("status", "model", "network_module", "network_args", "gradient_checkpointing",
                                         "unet_only", "step_seconds", "mean_step_seconds_excl_first", "median_step_seconds",
                                         "step_cpu_seconds", "mean_step_cpu_seconds_excl_first", "loadavg_at_step_start",
@@ -598,9 +586,27 @@ def main(argv=None):
     if h.gen_img:
         short["gen_img_images"] = result.get("gen_img_images")
         short["gen_img_observed"] = result.get("gen_img_observed")
+    publish(result, short, work, h.json_out)
+    return 0 if status == "ok" else 1
+
+
+def record_peak_rss(result) -> None:
+    try:
+        import resource
+
+        result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)
+    except Exception:
+        pass
+
+
+def publish(result, short, work, json_out=None) -> None:
+    """result.json in the work folder (and json_out), then the two lines the drivers parse."""
+    js = json.dumps(result, default=str)
+    for path in [os.path.join(work, "result.json")] + ([json_out] if json_out else []):
+        with open(path, "w") as f:
+            f.write(js)
     print("HARNESS_SUMMARY " + json.dumps(short), flush=True)
     print("HARNESS_RESULT " + js, flush=True)
-    return 0 if status == "ok" else 1
 
 
 if __name__ == "__main__":
