@@ -146,6 +146,28 @@ def test_experiment_diversity_is_the_mean_pairwise_rms_distance():
     assert experiment.diversity([images[0]] * 4) == 0.0
 
 
+def test_experiment_findings_flag_differences_beyond_the_seed_spread():
+    from toyworld import experiment
+
+    per_run = {  # three seeds each; means and sample standard deviations worked out by hand below
+        "lora": {"0": {"fidelity": 0.30, "context": 0.60, "copied": 0.30}, "1": {"fidelity": 0.32, "context": 0.62, "copied": 0.32},
+                 "2": {"fidelity": 0.34, "context": 0.64, "copied": 0.34}},
+        "tlora": {"0": {"fidelity": 0.31, "context": 0.40, "copied": 0.10}, "1": {"fidelity": 0.33, "context": 0.60, "copied": 0.12},
+                  "2": {"fidelity": 0.35, "context": 0.80, "copied": 0.14}},
+    }
+    agg = experiment.aggregate(per_run)
+    assert agg["lora"]["fidelity"] == pytest.approx([0.32, 0.02]) and agg["tlora"]["context"] == pytest.approx([0.60, 0.20])
+    # fidelity: +0.01 against a standard error of sqrt(2 * 0.02^2 / 3) = 0.0163 -> within the spread
+    assert experiment.compare(agg["tlora"], agg["lora"], "fidelity") == (pytest.approx(0.01), False)
+    # copying: -0.20 against the same 0.0163 -> beyond it; context: -0.02 against sqrt((0.02^2 + 0.2^2) / 3) -> within
+    assert experiment.compare(agg["tlora"], agg["lora"], "copied") == (pytest.approx(-0.20), True)
+    assert experiment.compare(agg["tlora"], agg["lora"], "context")[1] is False
+    settings = [experiment.Setting("lora", "lora"), experiment.Setting("tlora", "tlora", 2)]
+    (line,) = experiment.findings(agg, settings)
+    assert line == ("- T-LoRA against LoRA: concept fidelity +0.010 (within the spread over seeds); context following -2 points "
+                    "(within the spread over seeds); copying of the training context -20 points.")
+
+
 def test_pretraining_is_deterministic_from_its_seed(tmp_path):
     """Two short pretraining runs with the same seed write identical weights (a third with
     another seed does not)."""
@@ -167,3 +189,56 @@ def test_pretraining_is_deterministic_from_its_seed(tmp_path):
         assert a[part].keys() == b[part].keys()
         assert all(np.array_equal(a[part][k], b[part][k]) for k in a[part]), part
     assert not all(np.array_equal(a["unet"][k], c["unet"][k]) for k in a["unet"])
+
+
+def test_plot_zoom_fits_every_point_and_spread_on_whole_ticks():
+    from toyworld.plot import Plot, Series, render, zoom
+
+    plot = Plot("t", "x", "y", [Series("a", [(0.52, 0.31, 0.04, 0.02)]), Series("b", [(0.61, 0.24, 0.0, 0.0)])])
+    zoom(plot, tick=0.05, margin=0.0)
+    # x: 0.48 .. 0.61 -> 0.45 .. 0.65; y: 0.24 .. 0.33 -> 0.20 .. 0.35
+    assert plot.x_range == pytest.approx((0.45, 0.65)) and plot.y_range == pytest.approx((0.20, 0.35))
+    # never beyond 0..1, and a single point still gets an axis one tick long
+    single = zoom(Plot("t", "x", "y", [Series("c", [(1.0, 0.0, 0.0, 0.0)])]), tick=0.1, margin=0.02)
+    assert single.x_range == pytest.approx((0.9, 1.0)) and single.y_range == pytest.approx((0.0, 0.1))
+    image = render(plot)
+    assert image.size == (760, 560)
+
+
+def test_experiment_timestep_window_switches_the_adapter_at_the_split(tmp_path):
+    """The window analysis samples with the adapter at some denoising steps only: a window that
+    holds no step gives the base model's images exactly, one that holds every step the adapter's."""
+    torch = pytest.importorskip("torch")
+    import importlib
+    from types import SimpleNamespace
+
+    from toyworld import experiment
+    from toyworld.evaluate import load_pipeline
+
+    assert [experiment.in_window(t, "high", 500) for t in (999, 500, 499, 0)] == [True, True, False, False]
+    assert [experiment.in_window(t, "low", 500) for t in (999, 500, 499, 0)] == [False, False, True, True]
+    assert experiment.in_window(0, None, 500) and experiment.in_window(999, None, 500)
+
+    pipe = load_pipeline(MODEL)
+    tlora = importlib.import_module("networks.tlora")
+    network = tlora.create_network(1.0, 4, 4, None, [], pipe.unet, algo="lora", targets="transformer")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in network.named_parameters():
+            if "lora_up" in name:
+                p.normal_(0, 0.5)  # a visible change (trained up factors start at zero)
+    file = str(tmp_path / "net.safetensors")
+    network.save_weights(file, torch.float32, {})
+
+    def run(network_file, window, split):
+        args = SimpleNamespace(samples=1, sampling_steps=3, guidance=4.0, sample_seed=0, split_timestep=split)
+        return experiment.sample_with(pipe, network_file, args, window)
+
+    base, full = run(None, None, 500), run(file, None, 500)
+    assert any(not np.array_equal(a, b) for a, b in zip(base, full))
+    never, always = run(file, "high", 1001), run(file, "low", 1001)  # DDIM's timesteps all lie in 0..999
+    assert all(np.array_equal(a, b) for a, b in zip(never, base))
+    assert all(np.array_equal(a, b) for a, b in zip(always, full))
+    # a real split: some steps with the adapter, some without -> neither image set
+    high = run(file, "high", 500)
+    assert any(not np.array_equal(a, b) for a, b in zip(high, base)) and any(not np.array_equal(a, b) for a, b in zip(high, full))

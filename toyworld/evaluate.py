@@ -86,7 +86,7 @@ def score(scenes: List[world.Scene], images: List[np.ndarray]) -> Dict[str, Dict
     return {g: {k: float(np.mean(v)) for k, v in d.items()} | {"n": max(len(v) for v in d.values()) if d else 0} for g, d in groups.items()}
 
 
-def grid(images: List[np.ndarray], cols: int = 8, upscale: int = 3) -> "Image.Image":
+def grid(images: List[np.ndarray], cols: int = 8, upscale: int = 3):
     from PIL import Image
 
     h, w = images[0].shape[:2]

@@ -32,14 +32,17 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from tlora_trainer.fileio import atomic_write_text  # noqa: E402
 
 from . import metrics, world  # noqa: E402
 
@@ -169,11 +172,13 @@ def write_example(folder: str) -> str:
     return folder
 
 
-def train(setting: Setting, seed: int, args, data: str, run_dir: str) -> str:
+def train(setting: Setting, seed: int, args, data: str, run_dir: str, threads: int) -> str:
+    """Train one run with train_tlora.py in a child process (kept and reused when its file exists)."""
     name = f"{setting.name}-s{seed}"
     out_file = os.path.join(run_dir, f"{name}.safetensors")
     if os.path.exists(out_file):
         return out_file
+    t_run = time.perf_counter()
     cmd = [sys.executable, os.path.join(ROOT, "train_tlora.py"), "--pretrained_model_name_or_path", args.model,
            "--train_data_dir", data, "--caption_extension", ".txt", "--resolution", "64", "--output_dir", run_dir,
            "--output_name", name, "--network_module", "networks.tlora", "--network_dim", str(args.rank),
@@ -181,23 +186,59 @@ def train(setting: Setting, seed: int, args, data: str, run_dir: str) -> str:
            "--optimizer_type", "AdamW", "--optimizer_args", "weight_decay=1e-4", "--learning_rate", str(args.learning_rate),
            "--lr_scheduler", "constant", "--max_train_steps", str(args.steps), "--train_batch_size", "1",
            "--seed", str(seed), "--mixed_precision", "no"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"training {name} failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+    print(f"trained {name} ({time.perf_counter() - t_run:.0f}s, {threads} thread(s))", flush=True)
     return out_file
 
 
-def sample_with(pipe, network_file: Optional[str], args) -> List[np.ndarray]:
+def train_all(runs: List[tuple], args, data: str, run_dir: str) -> Dict[tuple, str]:
+    """Every (setting, seed) trained, `args.jobs` at a time.
+
+    The toy model's training step is too small to keep two threads busy: two one-thread
+    trainings side by side finish in about the time one two-thread training takes."""
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    args.total_runs = len(runs)
+    args.trained_now = sum(not os.path.exists(os.path.join(run_dir, f"{s.name}-s{seed}.safetensors")) for s, seed in runs)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {key: pool.submit(train, key[0], key[1], args, data, run_dir, threads) for key in runs}
+        return {key: f.result() for key, f in futures.items()}
+
+
+def in_window(timestep: float, window: Optional[str], split: int) -> bool:
+    """Whether the adapter runs at this denoising timestep: window None (every step), "high"
+    (t >= split: the noisy steps that lay out the image) or "low" (t < split: the steps that
+    refine it)."""
+    if window is None:
+        return True
+    return timestep >= split if window == "high" else timestep < split
+
+
+def sample_with(pipe, network_file: Optional[str], args, window: Optional[str] = None) -> List[np.ndarray]:
+    """The prompts' samples with the network attached (timestep-aware), at the steps of `window` only."""
+    import torch
+
     from converters.diffusers import apply_tlora, remove_tlora
 
     from .evaluate import sample
 
     prompts = [p for p in PROMPTS for _ in range(args.samples)]
+    hook = None
     if network_file:
-        apply_tlora(pipe, network_file)
+        network = apply_tlora(pipe, network_file)
+        if window is not None:
+            def switch(module, hook_args, kwargs):
+                t = hook_args[1] if len(hook_args) > 1 else kwargs["timestep"]
+                network.set_multiplier(1.0 if in_window(float(torch.as_tensor(t).reshape(-1)[0]), window, args.split_timestep) else 0.0)
+
+            hook = pipe.unet.register_forward_pre_hook(switch, with_kwargs=True)
     try:
         return sample(pipe, prompts, args.sampling_steps, args.guidance, seed=args.sample_seed, batch=24)
     finally:
+        if hook is not None:
+            hook.remove()
         if network_file:
             remove_tlora(pipe)
 
@@ -213,7 +254,7 @@ def ground_truth(samples: int, seed: int) -> List[np.ndarray]:
             for o in [spec["sks"], *spec["others"]]:
                 size = o["size"] or ("small", "large")[rng.integers(2)]
                 base = world.Obj(world.SKS if o["shape"] == world.SKS else o["shape"], o["colour"], size, o["position"] or "center")
-                objs.append(world._jittered(rng, base))
+                objs.append(world.jittered(rng, base))
             out.append(world.render(world.Scene(spec["background"], tuple(objs))))
     return out
 
@@ -236,17 +277,20 @@ def aggregate(per_run: Dict[str, Dict[str, Dict[str, float]]]) -> Dict[str, Dict
 
 
 def write_plots(out: str, agg, references, the_settings: List[Setting], args) -> List[str]:
-    from .plot import PALETTE, Plot, Series, render
+    from .plot import PALETTE, Plot, Series, render, zoom
 
     written = []
-    main = Plot("Concept fidelity vs context following (mean ± std over seeds)", "context following", "concept fidelity (sks)")
+    truth = references["renders"]
+    main = Plot(f"Concept fidelity vs context following (mean ± std over seeds; ground-truth renders: {truth['context']:.2f}, "
+                f"{truth['fidelity']:.2f}, off the plot)", "context following", "concept fidelity (sks)")
     for i, s in enumerate(x for x in the_settings if x.group == "algorithms"):
         a = agg[s.name]
         main.series.append(Series(ALGO_TITLES.get(s.algo, s.name), [(a["context"][0], a["fidelity"][0], a["context"][1], a["fidelity"][1])],
                                   PALETTE[i % len(PALETTE)]))
-    for label, key, marker in (("base model, no adapter", "base", "s"), ("ground-truth renders", "renders", "d")):
-        r = references[key]
-        main.series.append(Series(label, [(r["context"], r["fidelity"], 0, 0)], (90, 90, 90), marker=marker))
+    # the renders (context 1, fidelity ~0.96) are in the table; on the plot they would squeeze the algorithms into a corner
+    r = references["base"]
+    main.series.append(Series("base model, no adapter", [(r["context"], r["fidelity"], 0, 0)], (90, 90, 90), marker="s"))
+    zoom(main)
     render(main).save(os.path.join(out, "fidelity_vs_context.png"))
     written.append("fidelity_vs_context.png")
 
@@ -267,7 +311,7 @@ def write_plots(out: str, agg, references, the_settings: List[Setting], args) ->
         if lora:
             plot.series.append(Series("LoRA", [(lora["context"][0], lora["fidelity"][0], lora["context"][1], lora["fidelity"][1])], PALETTE[0]))
         name = f"sweep_{group}.png"
-        render(plot).save(os.path.join(out, name))
+        render(zoom(plot)).save(os.path.join(out, name))
         written.append(name)
     return written
 
@@ -289,11 +333,48 @@ def _pct(v):
     return f"{100 * v[0]:.0f} ± {100 * v[1]:.0f}"
 
 
-def write_page(out: str, agg, references, the_settings, args, plots, seconds: float) -> None:
+def compare(a: Dict[str, List[float]], b: Dict[str, List[float]], key: str) -> Tuple[float, bool]:
+    """(mean of a - mean of b, whether the difference exceeds twice its standard error over seeds)."""
+    diff = a[key][0] - b[key][0]
+    stderr = (a[key][1] ** 2 / max(1, a["seeds"]) + b[key][1] ** 2 / max(1, b["seeds"])) ** 0.5
+    return diff, abs(diff) > 2 * stderr
+
+
+def findings(agg, the_settings: List[Setting]) -> List[str]:
+    """One line per algorithm: how it differs from LoRA, in numbers, and whether the difference
+    is larger than the spread over seeds."""
+    lora = agg.get("lora")
+    if lora is None:
+        return []
+    lines = []
+    for s in (x for x in the_settings if x.group == "algorithms" and x.algo != "lora"):
+        parts = []
+        for key, what, scale, unit in (("fidelity", "concept fidelity", 1, ""), ("context", "context following", 100, " points"),
+                                       ("copied", "copying of the training context", 100, " points")):
+            diff, clear = compare(agg[s.name], lora, key)
+            parts.append(f"{what} {diff * scale:+.{3 if scale == 1 else 0}f}{unit}" + ("" if clear else " (within the spread over seeds)"))
+        lines.append(f"- {ALGO_TITLES[s.algo]} against LoRA: " + "; ".join(parts) + ".")
+    return lines
+
+
+def seeds_of(setting: Setting, args) -> List[int]:
+    """The algorithms run for every --seeds; the sweeps for --sweep_seeds (default: the same)."""
+    return list(args.seeds) if setting.group == "algorithms" or args.sweep_seeds is None else list(args.sweep_seeds)
+
+
+def _seed_text(args) -> str:
+    text = f"{len(args.seeds)} seeds: {', '.join(map(str, args.seeds))}"
+    if args.sweep_seeds is not None and not args.no_sweeps:
+        text += f"; the sweeps {len(args.sweep_seeds)}: {', '.join(map(str, args.sweep_seeds))}"
+    return text
+
+
+def write_page(out: str, agg, references, the_settings, args, plots, seconds: float, window_agg=None) -> None:
     lines = ["# T-LoRA and the other algorithms on the toy world", "",
              "Generated by `python -m toyworld.experiment " + " ".join(args.argv) + "` "
-             f"({seconds / 60:.0f} min on this machine). Numbers: mean ± standard deviation over {len(args.seeds)} training seeds "
-             f"({', '.join(map(str, args.seeds))}); every run samples {len(PROMPTS)} prompts × {args.samples} images.", "",
+             f"({seconds / 60:.0f} min on this machine; {args.trained_now} of {args.total_runs} trainings ran in that "
+             "invocation, the others were reused from `runs/`). Numbers: mean ± standard deviation over training seeds "
+             f"({_seed_text(args)}); every run samples {len(PROMPTS)} prompts × {args.samples} images.", "",
              f"Setup: one training image (`examples/sks_toyworld/sks.png`, caption \"{world.SKS_EXAMPLE_CAPTION}\"), "
              f"rank {args.rank} (alpha {args.rank}; linear layers of the transformer blocks and 3x3 convolutions) of `models/toyworld-sd`, AdamW lr {args.learning_rate:g} "
              f"(weight decay 1e-4), {args.steps} steps, batch 1; masked algorithms min_rank {args.min_rank}. Sampling: DDIM "
@@ -311,6 +392,10 @@ def write_page(out: str, agg, references, the_settings, args, plots, seconds: fl
         r = references[key]
         lines.append(f"| *{label}* | {r['fidelity']:.3f} | {100 * r['context']:.0f} % | {100 * r['copied']:.0f} % | "
                      f"{100 * r['background_ok']:.0f} % | {r['diversity']:.3f} |")
+    found = findings(agg, the_settings)
+    if found:
+        lines += ["", "What comes out (differences of the means; \"within the spread\" when a difference is under twice its "
+                  "standard error over the seeds):", ""] + found
     lines += ["", f"Samples (seed {args.seeds[0]}, first image of each prompt, prompts in the order above):", "", "![samples](samples.png)", ""]
     for group, title in (("min_rank", "min_rank sweep (T-LoRA)"), ("power", "Schedule power sweep (T-LoRA)")):
         members = [s for s in the_settings if s.group == group]
@@ -326,6 +411,20 @@ def write_page(out: str, agg, references, the_settings, args, plots, seconds: fl
             lines.append(f"| {label} | {a['fidelity'][0]:.3f} ± {a['fidelity'][1]:.3f} | {_pct(a['context'])} % | {_pct(a['copied'])} % | "
                          f"{a['diversity'][0]:.3f} ± {a['diversity'][1]:.3f} |")
         lines.append("")
+    if window_agg:
+        lines += ["## Which denoising steps copy the training context", "",
+                  f"The same trained files sampled with the adapter switched on at the high-noise steps only (t ≥ {args.split_timestep}, "
+                  f"where the image's layout and background form; T-LoRA gives these steps its fewest ranks) or at the low-noise steps "
+                  f"only (t < {args.split_timestep}), against the adapter at every step:", "",
+                  "| algorithm | adapter at | concept fidelity | context following | copies the training context | background right |",
+                  "|---|---|---|---|---|---|"]
+        for s in (x for x in the_settings if x.group == "algorithms" and x.algo in args.window_algos):
+            for label, a in (("every step", agg[s.name]), (f"t ≥ {args.split_timestep} only", window_agg.get(f"{s.name}@high")),
+                             (f"t < {args.split_timestep} only", window_agg.get(f"{s.name}@low"))):
+                if a:
+                    lines.append(f"| {ALGO_TITLES[s.algo]} | {label} | {a['fidelity'][0]:.3f} ± {a['fidelity'][1]:.3f} | {_pct(a['context'])} % | "
+                                 f"{_pct(a['copied'])} % | {_pct(a['background_ok'])} % |")
+        lines.append("")
     lines += ["## Metrics", "", "Computed exactly from the images by `toyworld.metrics` (no learned model):", "",
               "- *concept fidelity*: sks fidelity of the best-matching object, the mean of its mask IoU with the heart and the share of "
               "its pixels in the right colour of the pink/teal halves (ground-truth renders: near 1; no object: 0);",
@@ -334,8 +433,7 @@ def write_page(out: str, agg, references, the_settings, args, plots, seconds: fl
               "- *copies the training context*: over prompts that ask for another background, position or size, how often the image "
               "shows gray, centre or large instead;",
               "- *diversity*: mean RMS pixel distance between the samples of one prompt.", ""]
-    with open(os.path.join(out, "README.md"), "w") as f:
-        f.write("\n".join(lines))
+    atomic_write_text(os.path.join(out, "README.md"), "\n".join(lines))
 
 
 # ----------------------------------------------------------------------------------- main
@@ -354,11 +452,19 @@ def parse_args(argv=None):
     p.add_argument("--sweep_min_rank", type=int, nargs="+", default=[1, 2, 4, 6])
     p.add_argument("--sweep_power", type=float, nargs="+", default=[0.5, 1.0, 2.0])
     p.add_argument("--no_sweeps", action="store_true")
+    p.add_argument("--sweep_seeds", type=int, nargs="+", default=None, help="seeds of the min_rank and power sweeps (default: --seeds)")
     p.add_argument("--samples", type=int, default=4, help="images per prompt")
     p.add_argument("--sampling_steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--sample_seed", type=int, default=1000)
+    p.add_argument("--split_timestep", type=int, default=500,
+                   help="where the timestep-window analysis splits the denoising steps (high noise: t >= this)")
+    p.add_argument("--window_algos", nargs="*", default=["lora", "tlora"], choices=ALGOS,
+                   help="algorithms sampled a second and third time with the adapter at the high- or low-noise steps only")
+    p.add_argument("--jobs", type=int, default=2, help="trainings run side by side (each gets cpu_count / jobs threads)")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: must be at least 1")
     args.argv = list(argv if argv is not None else sys.argv[1:])
     return args
 
@@ -384,13 +490,15 @@ def main(argv=None) -> int:
     references = {"base": score_run(base_images, args.samples), "renders": score_run(truth_images, args.samples)}
     rows["base model"] = base_images
     per_run: Dict[str, Dict[str, Dict[str, float]]] = {}
-    total = len(the_settings) * len(args.seeds)
+    runs = [(s, seed) for s in the_settings for seed in seeds_of(s, args)]
+    files = train_all(runs, args, data, run_dir)
+    total = len(runs)
     done = 0
     for s in the_settings:
-        for seed in args.seeds:
+        for seed in seeds_of(s, args):
             done += 1
             t_run = time.perf_counter()
-            file = train(s, seed, args, data, run_dir)
+            file = files[(s, seed)]
             images = sample_with(pipe, file, args)
             result = score_run(images, args.samples)
             per_run.setdefault(s.name, {})[str(seed)] = result
@@ -399,14 +507,23 @@ def main(argv=None) -> int:
             print(f"[{done}/{total}] {s.name} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items())
                   + f" ({time.perf_counter() - t_run:.0f}s)", flush=True)
     rows["renders"] = truth_images
+    per_window: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for s in (x for x in the_settings if x.group == "algorithms" and x.algo in args.window_algos):
+        for window in ("high", "low"):
+            for seed in args.seeds:
+                result = score_run(sample_with(pipe, files[(s, seed)], args, window), args.samples)
+                per_window.setdefault(f"{s.name}@{window}", {})[str(seed)] = result
+                print(f"{s.name} seed {seed}, adapter at {window}-noise steps only: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()),
+                      flush=True)
     agg = aggregate(per_run)
+    window_agg = aggregate(per_window) if per_window else {}
     seconds = time.perf_counter() - t0
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"settings": [asdict(s) for s in the_settings], "args": {k: v for k, v in vars(args).items()},
-                   "references": references, "runs": per_run, "summary": agg, "prompts": list(PROMPTS)}, f, indent=1)
+    atomic_write_text(os.path.join(out, "results.json"), json.dumps(
+        {"settings": [asdict(s) for s in the_settings], "args": {k: v for k, v in vars(args).items()}, "references": references,
+         "runs": per_run, "summary": agg, "windows": per_window, "windows_summary": window_agg, "prompts": list(PROMPTS)}, indent=1))
     plots = write_plots(out, agg, references, the_settings, args)
     write_grid(out, rows, args.samples)
-    write_page(out, agg, references, the_settings, args, plots, seconds)
+    write_page(out, agg, references, the_settings, args, plots, seconds, window_agg)
     print(f"results: {os.path.join(out, 'README.md')}")
     return 0
 

@@ -23,7 +23,7 @@ with the halves swapped loses the pattern half. All of it works on blurry genera
 
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image

@@ -206,7 +206,11 @@ def bbox(obj: Obj, image_size: int = IMAGE_SIZE) -> Tuple[float, float, float, f
 
 
 # ----------------------------------------------------------------------------------- sampling
-def _jittered(rng: np.random.Generator, obj: Obj) -> Obj:
+
+
+def jittered(rng: np.random.Generator, obj: Obj) -> Obj:
+    """obj moved by up to JITTER_OFFSET and scaled by 1 ± JITTER_SCALE (how scenes vary around
+    their named position and size)."""
     dx, dy = rng.uniform(-JITTER_OFFSET, JITTER_OFFSET, size=2)
     s = rng.uniform(1 - JITTER_SCALE, 1 + JITTER_SCALE)
     return replace(obj, dx=float(dx), dy=float(dy), scale=float(s))
@@ -226,7 +230,7 @@ def random_object(rng: np.random.Generator, position: str, sks: bool = False, ji
         shape = SHAPES[rng.integers(len(SHAPES))]
         colour = list(OBJECT_COLOURS)[rng.integers(len(OBJECT_COLOURS))]
         obj = Obj(shape, colour, size, position)
-    return _jittered(rng, obj) if jitter else obj
+    return jittered(rng, obj) if jitter else obj
 
 
 def random_scene(rng: np.random.Generator, p_two: float = 0.3, jitter: bool = True, sks: bool = False) -> Scene:
@@ -243,7 +247,7 @@ def random_scene(rng: np.random.Generator, p_two: float = 0.3, jitter: bool = Tr
     objs = [random_object(rng, p, sks=(i == which_sks), jitter=False) for i, p in enumerate(pair)]
     if jitter:
         for _ in range(20):
-            cand = [_jittered(rng, o) for o in objs]
+            cand = [jittered(rng, o) for o in objs]
             if _gap(cand[0], cand[1]) >= 2.0:
                 objs = cand
                 break
