@@ -1,7 +1,8 @@
 """The papers' one-image experiment on the toy world: concept fidelity against context following.
 
-    python -m toyworld.experiment --out docs/toyworld            # every run below (~2.5 h on 2 cores)
-    python -m toyworld.experiment --out /tmp/quick --seeds 0 --algos lora tlora --no_sweeps
+    # docs/toyworld as published: 40 trainings, about 1 h 45 min on 2 cores
+    python -m toyworld.experiment --out docs/toyworld --seeds 0 1 2 3 4 --sweep_seeds 0 1 2
+    python -m toyworld.experiment --out /tmp/quick --seeds 0 --algos lora tlora --no_sweeps   # ~10 min
 
 One image of the novel sks object (a pink/teal heart, large, centred, on gray; caption "a sks
 shape") trains a rank-8 adapter (linear layers of the transformer blocks and the ResNet 3x3
